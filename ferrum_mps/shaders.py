@@ -15,8 +15,9 @@ from typing import Any, Callable, Iterator
 
 ShaderCompiler = Callable[[str], Any]
 
-# Sources are concatenated because compile_shader cannot resolve our own #includes.
-_SHARED_HEADER = "quant_blocks.h"
+# Sources are concatenated because compile_shader cannot resolve our own #includes:
+# every library is these headers (those that exist) followed by its own .metal file.
+_HEADERS = ("quant_blocks.h", "qmatmul.h")
 
 _lock = threading.Lock()
 _compiler: ShaderCompiler | None = None
@@ -65,12 +66,10 @@ def use_shader_compiler(fn: ShaderCompiler) -> Iterator[None]:
 
 
 def metal_source(file: str) -> str:
-    """The shared block-format header followed by `file`, both from the installed metal_ops."""
+    """The shared headers followed by `file`, all read from the installed metal_ops."""
     root = resources.files("ferrum_mps.metal_ops")
-    parts = [root.joinpath(_SHARED_HEADER).read_text(encoding="ascii")]
-    if file != _SHARED_HEADER:
-        parts.append(root.joinpath(file).read_text(encoding="ascii"))
-    return "\n".join(parts)
+    names = [h for h in _HEADERS if root.joinpath(h).is_file() and h != file] + [file]
+    return "\n".join(root.joinpath(n).read_text(encoding="ascii") for n in names)
 
 
 def library(file: str) -> Any:
