@@ -18,3 +18,11 @@ def metal_device(request):
 
         with metal.use_shader_compiler(compile_shader):
             yield torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf_path():
+    """The real Gemma-3-270M Q4_K_M GGUF made by llama.cpp (Q4_K, Q6_K, Q5_0, Q8_0, F32 tensors)."""
+    from ferrum_mps.default_model import default_model_path
+
+    return default_model_path()
