@@ -1,1 +1,5 @@
 """torch.library ops of the `ferrum` namespace. Importing this module registers them."""
+
+from . import moe  # noqa: F401,E402
+
+from . import linear  # noqa: F401,E402

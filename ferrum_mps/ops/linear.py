@@ -1,0 +1,302 @@
+"""Quantized linear algebra on raw GGML bytes: `ferrum::dequantize`, `ferrum::qlinear`, `ferrum::qembedding`.
+
+Each op is defined here once: schema, CPU implementation (reference and
+fallback), fake implementation (shapes for torch.compile / meta tensors) and the
+MPS implementation (one Metal dispatch per call, kernels from
+metal_ops/dequantize.metal and metal_ops/qlinear.metal). The MPS functions are
+re-exported by `ferrum_mps.metal` so tests can run them on CPU tensors under the
+Metal-on-CPU harness.
+
+Weights are GGML rows: `raw` is a contiguous uint8 tensor of any shape holding
+`rows * row_nbytes(qtype, cols)` bytes. `qtype` is a plain int
+(`int(GGMLQuantizationType.Q4_K) == 12`). F32/F16/BF16 weights are raw bytes too
+and go to torch's own matmul on a view.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .. import quants, shaders
+
+Q = GGMLQuantizationType
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "FLOAT_QTYPES",
+    "check_raw",
+    "check_activation",
+    "check_float_dtype",
+    "dequantize",
+    "qlinear",
+    "qembedding",
+    "dequantize_mps",
+    "qlinear_mps",
+    "qembedding_mps",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_QTYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+_TAGS = (torch.Tag.needs_contiguous_strides,)
+
+# Float32 values dequantized per step on the CPU path: a small batch never holds a
+# full float32 copy of a big weight (e.g. a 262k x 640 output embedding), and a
+# chunk stays cache-sized.
+_CPU_CHUNK_VALUES = 1 << 20
+
+
+# ---------------------------------------------------------------------------
+# validation shared by the CPU and MPS paths (and by the MoE ops)
+
+
+def check_float_dtype(dtype: torch.dtype, what: str) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float32, float16 or bfloat16, got {dtype}")
+
+
+def check_raw(raw: torch.Tensor, qtype: int, rows: int, cols: int, what: str = "raw") -> GGMLQuantizationType:
+    """Check that `raw` holds `rows` GGML rows of `cols` values of `qtype`; return the qtype.
+
+    ValueError: unknown/unsupported qtype, cols not a multiple of the block size,
+    byte count not rows * row_nbytes, not contiguous. TypeError: not uint8.
+    """
+    if not isinstance(raw, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.uint8 tensor, got {type(raw).__name__}")
+    if raw.dtype != torch.uint8:
+        raise TypeError(f"{what} must be torch.uint8 (raw GGML bytes), got {raw.dtype}")
+    qt = quants.check_qtype(qtype)
+    if rows < 0:
+        raise ValueError(f"{what}: row count must be >= 0, got {rows}")
+    nb = quants.row_nbytes(qt, cols)
+    if raw.numel() != rows * nb:
+        raise ValueError(
+            f"{what} has {raw.numel()} bytes but {rows} rows x {cols} {qt.name} values need "
+            f"{rows} x {nb} = {rows * nb} bytes"
+        )
+    if not raw.is_contiguous():
+        raise ValueError(f"{what} must be contiguous (call .contiguous())")
+    return qt
+
+
+def check_activation(x: torch.Tensor, in_features: int, raw: torch.Tensor, what: str = "x") -> None:
+    """x: a float32/float16/bfloat16 tensor [..., in_features] on raw's device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(x).__name__}")
+    check_float_dtype(x.dtype, what)
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{what} has shape {tuple(x.shape)}: its last dimension must be in_features={in_features}")
+    if x.device != raw.device:
+        raise ValueError(f"{what} is on {x.device} but the weight bytes are on {raw.device}")
+
+
+def _embedding_rows(raw: torch.Tensor, qtype: int, dim: int) -> tuple[GGMLQuantizationType, int]:
+    qt = quants.check_qtype(qtype)
+    nb = quants.row_nbytes(qt, dim)
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
+        raise TypeError(f"raw must be a torch.uint8 tensor, got {getattr(raw, 'dtype', type(raw).__name__)}")
+    if raw.numel() % nb:
+        raise ValueError(f"raw has {raw.numel()} bytes, not a whole number of {qt.name} rows of dim={dim} ({nb} bytes each)")
+    rows = raw.numel() // nb
+    check_raw(raw, qt, rows, dim)
+    return qt, rows
+
+
+def _check_ids(ids: torch.Tensor, raw: torch.Tensor) -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be an integer tensor, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ids must be int32 or int64, got {ids.dtype}")
+    if ids.device != raw.device:
+        raise ValueError(f"ids is on {ids.device} but the embedding bytes are on {raw.device}")
+
+
+# ---------------------------------------------------------------------------
+# CPU building blocks
+
+
+def _float_view(raw: torch.Tensor, qt: GGMLQuantizationType, rows: int, cols: int) -> torch.Tensor:
+    """F32/F16/BF16 bytes as a [rows, cols] tensor without a copy (copy only if misaligned)."""
+    flat = raw.reshape(-1)
+    try:
+        return flat.view(FLOAT_QTYPES[qt]).view(rows, cols)
+    except RuntimeError:  # storage offset not a multiple of the element size
+        return flat.clone().view(FLOAT_QTYPES[qt]).view(rows, cols)
+
+
+def _dequant_rows(raw2: torch.Tensor, qt: GGMLQuantizationType, cols: int) -> torch.Tensor:
+    if qt in FLOAT_QTYPES:
+        return _float_view(raw2, qt, raw2.shape[0], cols).float()
+    return quants.dequantize_raw(raw2, qt, cols, torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# ferrum::dequantize
+
+
+@torch.library.custom_op("ferrum::dequantize", mutates_args=(), device_types="cpu", tags=_TAGS)
+def dequantize(raw: torch.Tensor, qtype: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Raw GGML rows -> [rows, cols] in `dtype` (float32/float16/bfloat16)."""
+    qt = check_raw(raw, qtype, rows, cols)
+    check_float_dtype(dtype, "dtype")
+    if qt in FLOAT_QTYPES:
+        return _float_view(raw, qt, rows, cols).to(dtype, copy=True)
+    return quants.dequantize_raw(raw, qt, cols, dtype).view(rows, cols)
+
+
+@dequantize.register_fake
+def _(raw, qtype, rows, cols, dtype):
+    return raw.new_empty((rows, cols), dtype=dtype)
+
+
+def dequantize_mps(raw: torch.Tensor, qtype: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    qt = check_raw(raw, qtype, rows, cols)
+    check_float_dtype(dtype, "dtype")
+    out = torch.empty((rows, cols), dtype=dtype, device=raw.device)
+    if rows == 0:
+        return out
+    if qt in FLOAT_QTYPES and FLOAT_QTYPES[qt] == dtype and raw.storage_offset() % 4 == 0:
+        return _float_view(raw, qt, rows, cols).clone()
+    _check_metal_raw(raw, qt)
+    # One thread per 16 values: the unit every block dequantizer in quant_blocks.h produces.
+    n16 = rows * cols // 16
+    k = shaders.kernel("dequantize.metal", f"dequant_{_metal_name(qt)}_{_DT[dtype]}")
+    k(raw, out, n16, threads=_round_up(n16, 256), group_size=256)
+    return out
+
+
+dequantize.register_kernel("mps")(dequantize_mps)
+
+
+# ---------------------------------------------------------------------------
+# ferrum::qlinear
+
+
+@torch.library.custom_op("ferrum::qlinear", mutates_args=(), device_types="cpu", tags=_TAGS)
+def qlinear(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int, in_features: int) -> torch.Tensor:
+    """y = x @ W.T with W = raw dequantized [out_features, in_features]; float32 accumulation, x's dtype out."""
+    qt = check_raw(raw, qtype, out_features, in_features)
+    check_activation(x, in_features, raw)
+    x2 = x.reshape(-1, in_features)
+    if qt in FLOAT_QTYPES and FLOAT_QTYPES[qt] == x.dtype:
+        w = _float_view(raw, qt, out_features, in_features)
+        return torch.nn.functional.linear(x2, w).view(*x.shape[:-1], out_features)
+    xf = x2.float()
+    out = torch.empty((x2.shape[0], out_features), dtype=torch.float32)
+    raw2 = raw.view(out_features, -1)
+    step = max(1, _CPU_CHUNK_VALUES // in_features)
+    for r in range(0, out_features, step):
+        w = _dequant_rows(raw2[r : r + step], qt, in_features)
+        out[:, r : r + step] = xf @ w.T
+    return out.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+@qlinear.register_fake
+def _(x, raw, qtype, out_features, in_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def qlinear_mps(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int, in_features: int) -> torch.Tensor:
+    qt = check_raw(raw, qtype, out_features, in_features)
+    check_activation(x, in_features, raw)
+    x2 = x.reshape(-1, in_features).contiguous()
+    m = x2.shape[0]
+    if qt in FLOAT_QTYPES:
+        w = _float_view(raw, qt, out_features, in_features)
+        y = torch.nn.functional.linear(x2, w) if w.dtype == x.dtype else torch.nn.functional.linear(x2.float(), w.float())
+        return y.to(x.dtype).view(*x.shape[:-1], out_features)
+    _check_metal_raw(raw, qt)
+    out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*x.shape[:-1], out_features)
+    name, dt = _metal_name(qt), _DT[x.dtype]
+    if m == 1 and qt in _MV_TYPES:
+        # 2 simdgroups x MV_ROWS rows each per threadgroup.
+        groups = -(-out_features // (2 * _MV_ROWS))
+        k = shaders.kernel("qlinear.metal", f"mv_{name}_{dt}")
+        k(raw, x2, out, in_features, out_features, threads=[64, groups], group_size=[64, 1])
+    elif m <= 8:
+        groups = -(-out_features // (2 * _MVB_ROWS))
+        k = shaders.kernel("qlinear.metal", f"mvb_{name}_{dt}")
+        k(raw, x2, out, in_features, out_features, m, threads=[64, groups], group_size=[64, 1])
+    else:
+        gn, gm = -(-out_features // _MM_TILE_N), -(-m // _MM_TILE_M)
+        k = shaders.kernel("qlinear.metal", f"mm_{name}_{dt}")
+        k(raw, x2, out, in_features, out_features, m, threads=[128 * gn, gm], group_size=[128, 1])
+    return out.view(*x.shape[:-1], out_features)
+
+
+qlinear.register_kernel("mps")(qlinear_mps)
+
+
+# ---------------------------------------------------------------------------
+# ferrum::qembedding
+
+
+@torch.library.custom_op("ferrum::qembedding", mutates_args=(), device_types="cpu", tags=_TAGS)
+def qembedding(ids: torch.Tensor, raw: torch.Tensor, qtype: int, dim: int) -> torch.Tensor:
+    """Rows `ids` of the GGML table `raw` ([rows, dim]) as float32 [*ids.shape, dim]; only those rows are dequantized."""
+    qt, rows = _embedding_rows(raw, qtype, dim)
+    _check_ids(ids, raw)
+    flat = ids.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= rows):
+        raise ValueError(f"ids out of range: the embedding table has {rows} rows, got ids in [{int(flat.min())}, {int(flat.max())}]")
+    picked = raw.view(rows, -1).index_select(0, flat)
+    return _dequant_rows(picked, qt, dim).view(*ids.shape, dim)
+
+
+@qembedding.register_fake
+def _(ids, raw, qtype, dim):
+    return raw.new_empty((*ids.shape, dim), dtype=torch.float32)
+
+
+def qembedding_mps(ids: torch.Tensor, raw: torch.Tensor, qtype: int, dim: int) -> torch.Tensor:
+    """As the CPU op, but an id outside [0, rows) yields a row of zeros (checking it would need a host readback)."""
+    qt, rows = _embedding_rows(raw, qtype, dim)
+    _check_ids(ids, raw)
+    flat = ids.reshape(-1).to(torch.int32).contiguous()
+    out = torch.empty((flat.numel(), dim), dtype=torch.float32, device=raw.device)
+    if flat.numel() == 0:
+        return out.view(*ids.shape, dim)
+    _check_metal_raw(raw, qt)
+    per_row = dim // 16
+    k = shaders.kernel("dequantize.metal", f"get_rows_{_metal_name(qt)}")
+    n = flat.numel() * per_row
+    k(raw, flat, out, dim, rows, n, threads=_round_up(n, 256), group_size=256)
+    return out.view(*ids.shape, dim)
+
+
+qembedding.register_kernel("mps")(qembedding_mps)
+
+
+# ---------------------------------------------------------------------------
+# Metal launch details (kept next to the kernels' constants in qlinear.metal)
+
+_DT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+_MV_ROWS = 2  # rows per simdgroup of the m = 1 kernels (N_R in qlinear.metal)
+_MVB_ROWS = 2  # rows per simdgroup of the 2 <= m <= 8 kernels
+_MM_TILE_N, _MM_TILE_M = 64, 32  # weight rows x tokens per mat-mat threadgroup
+_MV_TYPES = frozenset({Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+METAL_QTYPES = frozenset(
+    {Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+)
+
+
+def _metal_name(qt: GGMLQuantizationType) -> str:
+    return qt.name.lower()
+
+
+def _round_up(n: int, g: int) -> int:
+    return -(-n // g) * g
+
+
+def _check_metal_raw(raw: torch.Tensor, qt: GGMLQuantizationType) -> None:
+    if qt not in METAL_QTYPES:
+        names = ", ".join(sorted(t.name for t in METAL_QTYPES))
+        raise ValueError(f"{qt.name} has no Metal kernel (Metal supports {names})")
+    # Blocks are read with 16-bit loads: Metal needs the buffer offset 2-byte aligned.
+    if raw.storage_offset() % 2:
+        raise ValueError(f"raw starts at odd byte offset {raw.storage_offset()}: GGML blocks need 2-byte alignment (clone it)")
+
+
+assert all(GGML_QUANT_SIZES[t][1] % 2 == 0 for t in METAL_QTYPES)
