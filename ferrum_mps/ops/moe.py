@@ -1,0 +1,258 @@
+"""Mixture-of-Experts ops: routing, per-(token, slot) expert projections, the fused SwiGLU expert FFN.
+
+Expert stacks are GGUF's 3-D tensors kept as raw blocks: uint8 [E, out, row_nbytes(qtype, in)].
+A (token, slot) pair is one of the top-k experts chosen for one token; pair p = t * k + s.
+
+CPU: pairs are grouped by expert once (one stable sort), only the selected experts are
+dequantized (a bounded number at a time) and each group runs as one matmul, in float32.
+MPS: Metal kernels in metal_ops/moe.metal, launched without any host round trip (see
+the launch functions at the end of this file).
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGML_QUANT_SIZES
+from torch import Tensor
+
+from .. import quants
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_IDS = (torch.int32, torch.int64)
+# Bytes of dequantized float32 expert weights the CPU implementations hold at once.
+_CPU_CHUNK_BYTES = 96 << 20
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _check_float(t: Tensor, name: str, dims: tuple[int, ...]) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
+
+
+def _check_ids(ids: Tensor, T: int, k: int | None, what: str) -> int:
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in _IDS:
+        raise TypeError(f"ids must be int32 or int64, got {ids.dtype}")
+    if ids.dim() != 2 or ids.shape[0] != T or (k is not None and ids.shape[1] != k):
+        want = f"[{T}, {k}]" if k is not None else f"[{T}, top_k]"
+        raise ValueError(f"ids must have shape {want} to match {what}, got {tuple(ids.shape)}")
+    if ids.shape[1] < 1:
+        raise ValueError("ids must select at least one expert per token (top_k >= 1)")
+    return ids.shape[1]
+
+
+def _check_stack(raw: Tensor, qtype: int, out_features: int, in_features: int, name: str) -> int:
+    """Validate an expert stack [E, out, row_nbytes(qtype, in)]; returns E."""
+    q = quants.check_qtype(qtype)
+    if not isinstance(raw, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(raw).__name__}")
+    if raw.dtype != torch.uint8:
+        raise TypeError(f"{name} must hold raw GGUF bytes as torch.uint8, got {raw.dtype}")
+    if out_features < 1 or in_features < 1:
+        raise ValueError(f"{name}: out_features and in_features must be positive, got {out_features}, {in_features}")
+    block, size = GGML_QUANT_SIZES[q]  # not quants.row_nbytes: sizes may be SymInts under torch.compile
+    if in_features % block:
+        raise ValueError(f"{name}: in_features={in_features} is not a multiple of the {q.name} block size {block}")
+    rb = in_features // block * size
+    if raw.dim() != 3 or raw.shape[0] < 1 or raw.shape[1] != out_features or raw.shape[2] != rb:
+        raise ValueError(
+            f"{name} must be an expert stack [experts, {out_features}, {rb}] "
+            f"({q.name} rows of {in_features} weights), got shape {tuple(raw.shape)}"
+        )
+    if not raw.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (kernels address expert slabs by byte offset)")
+    return raw.shape[0]
+
+
+def _check_devices(**tensors: Tensor) -> None:
+    devices = {n: t.device for n, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on the same device, got {listing}")
+
+
+def _check_ids_range(ids: Tensor, experts: int) -> None:
+    # Reading ids on an MPS tensor would be a host sync: only CPU inputs are checked here;
+    # the Metal kernels skip pairs whose id is out of range instead of reading out of bounds.
+    if ids.device.type == "cpu" and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= experts:
+            raise ValueError(f"expert ids must be in [0, {experts}), got values in [{lo}, {hi}]")
+
+
+def _check_route(router_logits: Tensor, top_k: int) -> None:
+    _check_float(router_logits, "router_logits", (2,))
+    E = router_logits.shape[1]
+    if E < 1:
+        raise ValueError("router_logits must have at least one expert column")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, {E}] (number of experts), got {top_k}")
+
+
+def _check_qlinear(x, ids, experts_raw, qtype, out_features, in_features) -> tuple[int, int, int]:
+    _check_float(x, "x", (2, 3))
+    T = x.shape[0]
+    k = _check_ids(ids, T, x.shape[1] if x.dim() == 3 else None, f"x of shape {tuple(x.shape)}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, expected in_features={in_features}")
+    E = _check_stack(experts_raw, qtype, out_features, in_features, "experts_raw")
+    _check_devices(x=x, ids=ids, experts_raw=experts_raw)
+    return T, k, E
+
+
+def _check_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter):
+    _check_float(x, "x", (2,))
+    T, H = x.shape
+    _check_float(weights, "weights", (2,))
+    k = _check_ids(ids, T, None, f"x of shape {tuple(x.shape)}")
+    if weights.shape != ids.shape:
+        raise ValueError(f"weights must have the shape of ids {tuple(ids.shape)}, got {tuple(weights.shape)}")
+    E = _check_stack(gate_raw, gate_qtype, inter, H, "gate_raw")
+    for raw, q, out, inp, name in ((up_raw, up_qtype, inter, H, "up_raw"), (down_raw, down_qtype, H, inter, "down_raw")):
+        if _check_stack(raw, q, out, inp, name) != E:
+            raise ValueError(f"{name} has {raw.shape[0]} experts, gate_raw has {E}")
+    _check_devices(x=x, weights=weights, ids=ids, gate_raw=gate_raw, up_raw=up_raw, down_raw=down_raw)
+    return T, H, k, E
+
+
+# ---------------------------------------------------------------------------- CPU helpers
+
+
+def _groups(ids: Tensor, experts: int):
+    """Pairs sorted by expert (stable), and the experts used with their [start, end) in that order."""
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=experts)
+    ends = torch.cumsum(counts, 0)
+    used = torch.nonzero(counts).flatten()
+    return order, used.tolist(), (ends - counts)[used].tolist(), ends[used].tolist()
+
+
+def _chunks(used, starts, ends, nbytes_per_expert: int):
+    """Consecutive runs of used experts whose dequantized weights fit _CPU_CHUNK_BYTES."""
+    n = max(1, _CPU_CHUNK_BYTES // max(1, nbytes_per_expert))
+    for i in range(0, len(used), n):
+        yield used[i : i + n], starts[i : i + n], ends[i : i + n]
+
+
+def _dequant_experts(raw: Tensor, sel: list[int], qtype: int, cols: int) -> Tensor:
+    rows = raw[sel].reshape(-1, raw.shape[-1])
+    return quants.dequantize_raw(rows, qtype, cols, torch.float32).view(len(sel), raw.shape[1], cols)
+
+
+def _grouped_mm(xs: Tensor, w: Tensor, sizes: list[int]) -> Tensor:
+    """Rows of xs (grouped, consecutive) times the transposed weight of their group: [sum(sizes), out]."""
+    n, most = len(sizes), max(sizes)
+    if most * n <= 2 * xs.shape[0]:
+        # Balanced groups (decode: one pair per expert): one padded bmm.
+        size = torch.tensor(sizes)
+        group = torch.repeat_interleave(torch.arange(n), size)
+        pos = torch.arange(xs.shape[0]) - torch.repeat_interleave(size.cumsum(0) - size, size)
+        padded = xs.new_zeros(n, most, xs.shape[1])
+        padded[group, pos] = xs
+        return torch.bmm(padded, w.transpose(1, 2))[group, pos]
+    return torch.cat([g @ wi.T for g, wi in zip(xs.split(sizes), w)])
+
+
+# ---------------------------------------------------------------------------- moe_route
+
+
+@torch.library.custom_op("ferrum::moe_route", mutates_args=(), device_types="cpu")
+def moe_route(router_logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    """Softmax (float32) over experts, top-k (torch.topk order), renormalised when `normalize`.
+
+    Returns (weights float32 [T, k], ids int32 [T, k]), exactly as Qwen3MoeTopKRouter.
+    """
+    _check_route(router_logits, top_k)
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.contiguous(), ids.to(torch.int32).contiguous()
+
+
+@moe_route.register_fake
+def _(router_logits, top_k, normalize):
+    _check_route(router_logits, top_k)
+    T = router_logits.shape[0]
+    return (
+        router_logits.new_empty(T, top_k, dtype=torch.float32),
+        router_logits.new_empty(T, top_k, dtype=torch.int32),
+    )
+
+
+# ---------------------------------------------------------------------------- moe_qlinear
+
+
+@torch.library.custom_op("ferrum::moe_qlinear", mutates_args=(), device_types="cpu")
+def moe_qlinear(x: Tensor, ids: Tensor, experts_raw: Tensor, qtype: int, out_features: int, in_features: int) -> Tensor:
+    """y[t, s] = x[t] (or x[t, s]) @ W[ids[t, s]].T for each pair; W are the quantized expert matrices."""
+    T, k, E = _check_qlinear(x, ids, experts_raw, qtype, out_features, in_features)
+    _check_ids_range(ids, E)
+    out = torch.zeros(T * k, out_features, dtype=torch.float32)
+    if T == 0:
+        return out.view(T, k, out_features).to(x.dtype)
+    rows = x.float().reshape(-1, in_features)
+    order, used, starts, ends = _groups(ids, E)
+    for sel, s0, e0 in _chunks(used, starts, ends, out_features * in_features * 4):
+        pairs = order[s0[0] : e0[-1]]
+        xs = rows[pairs // k] if x.dim() == 2 else rows[pairs]
+        w = _dequant_experts(experts_raw, sel, qtype, in_features)
+        out[pairs] = _grouped_mm(xs, w, [e - s for s, e in zip(s0, e0)])
+    return out.view(T, k, out_features).to(x.dtype)
+
+
+@moe_qlinear.register_fake
+def _(x, ids, experts_raw, qtype, out_features, in_features):
+    T, k, _ = _check_qlinear(x, ids, experts_raw, qtype, out_features, in_features)
+    return x.new_empty(T, k, out_features)
+
+
+# ---------------------------------------------------------------------------- moe_ffn
+
+
+@torch.library.custom_op("ferrum::moe_ffn", mutates_args=(), device_types="cpu")
+def moe_ffn(
+    x: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    gate_raw: Tensor,
+    up_raw: Tensor,
+    down_raw: Tensor,
+    gate_qtype: int,
+    up_qtype: int,
+    down_qtype: int,
+    inter: int,
+) -> Tensor:
+    """out[t] = sum_s weights[t, s] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, s]."""
+    T, H, k, E = _check_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter)
+    _check_ids_range(ids, E)
+    out = torch.zeros(T, H, dtype=torch.float32)
+    if T == 0:
+        return out.to(x.dtype)
+    xf, wf = x.float(), weights.float().reshape(-1)
+    order, used, starts, ends = _groups(ids, E)
+    for sel, s0, e0 in _chunks(used, starts, ends, 3 * inter * H * 4):
+        pairs = order[s0[0] : e0[-1]]
+        tokens = pairs // k
+        sizes = [e - s for s, e in zip(s0, e0)]
+        xs = xf[tokens]
+        g = _grouped_mm(xs, _dequant_experts(gate_raw, sel, gate_qtype, H), sizes)
+        u = _grouped_mm(xs, _dequant_experts(up_raw, sel, up_qtype, H), sizes)
+        h = torch.nn.functional.silu(g) * u
+        y = _grouped_mm(h, _dequant_experts(down_raw, sel, down_qtype, inter), sizes)
+        out.index_add_(0, tokens, y * wf[pairs, None])
+    return out.to(x.dtype)
+
+
+@moe_ffn.register_fake
+def _(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter):
+    T, H, _, _ = _check_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter)
+    return x.new_empty(T, H)
