@@ -1,0 +1,116 @@
+"""`load_model` / `load_tokenizer`: a GGUF file to a transformers-compatible model and its tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def resolve_device(device=None) -> torch.device:
+    """torch.device, ValueError when it does not exist on this machine."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' is not available on this machine (no Apple GPU / torch built without MPS)")
+    if device.type not in ("cpu", "mps"):
+        try:
+            torch.empty(0, device=device)
+        except Exception as e:  # noqa: BLE001 - torch raises several types for absent backends
+            raise ValueError(f"device {str(device)!r} is not available: {e}") from None
+    return device
+
+
+def _to_device(qt, device: torch.device):
+    """The QTensor's raw bytes on `device` (a no-copy view of the mmap on CPU)."""
+    if device.type == "mps" and hasattr(torch.mps, "_host_alias_storage"):
+        # Unified memory: read the file bytes straight into the MPS buffer, no staging copy.
+        # Callers synchronize once before and after the whole loop.
+        out = torch.empty(qt.raw.shape, dtype=torch.uint8, device=device)
+        host = torch.empty(0, dtype=torch.uint8).set_(torch.mps._host_alias_storage(out.untyped_storage()))
+        host[: out.numel()].view(out.shape).copy_(qt.raw)
+        return type(qt)(out, qt.qtype, qt.shape)
+    return qt.to(device)
+
+
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        try:
+            import resource
+            import sys
+
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return rss if sys.platform == "darwin" else rss * 1024
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def load_model(path, device=None, dtype=None, progress: bool = True):
+    """A GGUF file as a ready-to-use `GGUFForCausalLM` (transformers PreTrainedModel + GenerationMixin).
+
+    device: default mps when available else cpu. dtype of activations: default float16 on mps,
+    float32 on cpu. Quantized weights stay raw bytes on the device (never dequantized at load).
+    """
+    from ferrum_mps.gguf_file import read_gguf
+    from ferrum_mps.models import model_class
+    from ferrum_mps.models.base import check_tensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    device = resolve_device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "mps" else torch.float32
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    t0 = time.perf_counter()
+    f = read_gguf(path)
+    cls = model_class(f.architecture)
+    config = cls.config_from_gguf(f.metadata, f.tensors)
+    check_tensors(config, f.tensors, source=str(path))
+    if device.type == "mps":
+        torch.mps.synchronize()
+    tensors = {
+        name: _to_device(qt, device)
+        for name, qt in tqdm(f.tensors.items(), desc=f"loading {path.name}", unit="tensor", disable=not progress)
+    }
+    if device.type == "mps":
+        torch.mps.synchronize()
+    model = cls(config, tensors, dtype=dtype).to(device).eval()
+    model.load_seconds = time.perf_counter() - t0
+    model.gguf_path = path
+    rss = _resident_bytes()
+    log.info(
+        "loaded %s (%s, %d tensors, %.1f MB) in %.2f s on %s; resident %s MB",
+        path.name, f.architecture, len(tensors), path.stat().st_size / 2**20, model.load_seconds, device,
+        "?" if rss is None else f"{rss / 2**20:.0f}",
+    )
+    return model
+
+
+def load_tokenizer(path):
+    """transformers' tokenizer built from the GGUF metadata (chat template kept)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

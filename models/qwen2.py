@@ -1,0 +1,13 @@
+"""Qwen2 / Qwen2.5: GQA with biases on the q/k/v projections, SwiGLU MLP."""
+
+from __future__ import annotations
+
+from .base import GGUFConfig, GGUFForCausalLM, common_config
+
+
+class Qwen2ForCausalLM(GGUFForCausalLM):
+    architectures = ("qwen2",)
+
+    @classmethod
+    def config_from_gguf(cls, md: dict, tensors: dict) -> GGUFConfig:
+        return GGUFConfig(**common_config(md, tensors, "qwen2"), attention_bias=True)

@@ -1,0 +1,13 @@
+"""Qwen3 dense: GQA with per-head QK RMSNorm, SwiGLU MLP, no biases."""
+
+from __future__ import annotations
+
+from .base import GGUFConfig, GGUFForCausalLM, common_config
+
+
+class Qwen3ForCausalLM(GGUFForCausalLM):
+    architectures = ("qwen3",)
+
+    @classmethod
+    def config_from_gguf(cls, md: dict, tensors: dict) -> GGUFConfig:
+        return GGUFConfig(**common_config(md, tensors, "qwen3"), qk_norm=True)

@@ -1,0 +1,34 @@
+"""Qwen3-MoE (Qwen3-30B-A3B and friends): Qwen3 attention (GQA, per-head QK RMSNorm) + FusedMoE blocks."""
+
+from __future__ import annotations
+
+from .base import GGUFConfig, GGUFForCausalLM, common_config, meta
+
+
+class Qwen3MoeForCausalLM(GGUFForCausalLM):
+    architectures = ("qwen3moe",)
+
+    @classmethod
+    def config_from_gguf(cls, md: dict, tensors: dict) -> GGUFConfig:
+        arch = "qwen3moe"
+        c = common_config(md, tensors, arch)
+        n = c["num_hidden_layers"]
+        # llama.cpp writes no key for dense layers: a block with ffn_gate but no router is one.
+        dense = [i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" not in tensors and f"blk.{i}.ffn_gate.weight" in tensors]
+        if dense and not c["intermediate_size"]:
+            c["intermediate_size"] = tensors[f"blk.{dense[0]}.ffn_gate.weight"].shape[0]
+        return GGUFConfig(
+            **c,
+            qk_norm=True,
+            num_experts=meta(md, arch, "expert_count"),
+            num_experts_per_tok=meta(md, arch, "expert_used_count"),
+            # transformers 5.23's GGUF mapping drops this key and assumes 768: read it.
+            moe_intermediate_size=meta(md, arch, "expert_feed_forward_length"),
+            norm_topk_prob=True,  # llama.cpp's qwen3moe graph always renormalises the top-k weights
+            mlp_only_layers=dense,
+        )
+
+    def make_moe(self, c: GGUFConfig, i: int, tensors: dict):
+        from ferrum_mps.nn.moe import FusedMoE
+
+        return FusedMoE.from_gguf(tensors, f"blk.{i}", top_k=c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob)
