@@ -1,0 +1,161 @@
+"""FusedMoE vs transformers' Qwen3MoeSparseMoeBlock holding the same (dequantized) weights."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+from ferrum_mps.nn.moe import FusedMoE
+
+MIXES = {  # qtypes (gate, up, down), hidden, expert width
+    "q4k_q6k": ((Q.Q4_K, Q.Q4_K, Q.Q6_K), 256, 256),
+    "q8_0": ((Q.Q8_0,) * 3, 64, 96),
+    "q5k": ((Q.Q5_K,) * 3, 256, 512),
+}
+
+
+def deq(raw, qtype, cols):
+    w = gguf.quants.dequantize(raw.numpy(), Q(qtype)).astype(np.float32)
+    return torch.from_numpy(w).reshape(raw.shape[0], raw.shape[1], cols)
+
+
+def hf_block(E, k, H, inter, seed=0):
+    cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=inter, num_experts=E, num_experts_per_tok=k, norm_topk_prob=True)
+    block = Qwen3MoeSparseMoeBlock(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        block.gate.weight.copy_(torch.randn(E, H, generator=g) * 0.5)
+        block.experts.gate_up_proj.copy_(torch.randn(E, 2 * inter, H, generator=g) * 0.1)
+        block.experts.down_proj.copy_(torch.randn(E, H, inter, generator=g) * 0.1)
+    return block
+
+
+def load_dequantized(block, fm):
+    """Give the HF block exactly the weights FusedMoE holds (reference dequantizer: gguf-py)."""
+    H, inter = fm.hidden_size, fm.intermediate_size
+    with torch.no_grad():
+        block.experts.gate_up_proj.copy_(
+            torch.cat([deq(fm.gate_raw, fm.gate_qtype, H), deq(fm.up_raw, fm.up_qtype, H)], dim=1)
+        )
+        block.experts.down_proj.copy_(deq(fm.down_raw, fm.down_qtype, inter))
+
+
+@pytest.fixture(scope="module")
+def pair():
+    cache = {}
+
+    def get(mix, E):
+        if (mix, E) not in cache:
+            qs, H, inter = MIXES[mix]
+            block = hf_block(E, 2, H, inter, seed=E)
+            fm = FusedMoE.from_hf(block, qs)
+            load_dequantized(block, fm)
+            cache[mix, E] = block, fm
+        return cache[mix, E]
+
+    return get
+
+
+def set_top_k(block, fm, k):
+    block.gate.top_k = fm.top_k = k
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("E", [8, 128])
+@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("T", [1, 2, 7, 31, 32, 33, 100])
+def test_fused_moe_matches_hf_block(pair, mix, E, k, T):
+    block, fm = pair(mix, E)
+    set_top_k(block, fm, k)
+    x = torch.randn(1, T, fm.hidden_size, generator=torch.Generator().manual_seed(T + k))
+    with torch.no_grad():
+        _, ref_w, ref_ids = block.gate(x.view(T, -1))
+        ref = block(x)
+        _, w, ids = fm.route(x.view(T, -1))
+        out = fm(x)
+    assert torch.equal(ids.long(), ref_ids)
+    torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=0)
+    assert out.shape == ref.shape == x.shape
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-4, err
+
+
+def test_fused_moe_batched_shape_and_bfloat16(pair):
+    block, fm = pair("q8_0", 8)
+    set_top_k(block, fm, 2)
+    x = torch.randn(3, 5, fm.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(fm(x), block(x), rtol=1e-4, atol=1e-5)
+    # Casting the module keeps the raw uint8 stacks untouched.
+    fm16 = FusedMoE.from_hf(block, Q.Q8_0).to(torch.bfloat16)
+    assert fm16.gate_raw.dtype == torch.uint8 and fm16.gate.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        y = fm16(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - block(x)).abs().max() / block(x).abs().max()).item() < 5e-2
+
+
+def test_from_gguf_reads_a_layer(tmp_path, pair):
+    from ferrum_mps.gguf_file import read_gguf
+
+    block, fm = pair("q4k_q6k", 8)
+    set_top_k(block, fm, 2)
+    path = tmp_path / "moe.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    w.add_uint32("qwen3moe.expert_used_count", 2)
+    w.add_tensor("blk.3.ffn_gate_inp.weight", block.gate.weight.detach().numpy())
+    for name, raw, q in (("gate", fm.gate_raw, fm.gate_qtype), ("up", fm.up_raw, fm.up_qtype), ("down", fm.down_raw, fm.down_qtype)):
+        w.add_tensor(f"blk.3.ffn_{name}_exps.weight", raw.numpy(), raw_dtype=Q(q))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = read_gguf(path)
+    loaded = FusedMoE.from_gguf(f.tensors, "blk.3", top_k=f.metadata["qwen3moe.expert_used_count"])
+    assert (loaded.gate_qtype, loaded.up_qtype, loaded.down_qtype) == (int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K))
+    x = torch.randn(1, 9, fm.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), block(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(KeyError, match="blk.4.ffn_gate_inp.weight"):
+        FusedMoE.from_gguf(f.tensors, "blk.4", top_k=2)
+
+
+def test_bad_construction(pair):
+    _, fm = pair("q8_0", 8)
+    router = torch.nn.Linear(fm.hidden_size, 8, bias=False)
+    with pytest.raises(ValueError, match="top_k"):
+        FusedMoE(router, fm.gate_raw, fm.up_raw, fm.down_raw, 8, 8, 8, top_k=9)
+    with pytest.raises(ValueError, match="down_raw"):
+        FusedMoE(router, fm.gate_raw, fm.up_raw, fm.down_raw[:, :, :-2], 8, 8, 8, top_k=2)
+    with pytest.raises(ValueError, match="qtypes"):
+        FusedMoE.from_hf(hf_block(8, 2, 64, 96), (Q.Q8_0, Q.Q8_0))
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, moe):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(moe.hidden_size)
+        self.mlp = moe
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+def test_compiles_fullgraph_without_breaks(pair):
+    _, fm = pair("q8_0", 128)
+    fm.top_k = 8
+    layer = Layer(fm).eval()
+    x = torch.randn(2, 7, fm.hidden_size)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        eager = layer(x)
+        out = compiled(x)
+        out1 = compiled(x[:, :1])
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out1, layer(x[:, :1]), rtol=1e-5, atol=1e-6)
