@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -161,6 +162,15 @@ class _Reader(GGUFReader):
     string. Everything else (and byte-swapped files) goes through gguf-py unchanged.
     """
 
+    def _get(self, offset, dtype, count=1, override_order=None):
+        # The stock reader silently returns short arrays past the end of the file and then fails obscurely.
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if end > len(self.data):
+            raise ValueError(
+                f"reading {end - int(offset)} bytes at offset {offset} runs past the end of the file ({len(self.data)} bytes)"
+            )
+        return super()._get(offset, dtype, count, override_order)
+
     def _get_field_parts(self, orig_offs: int, raw_type: int):
         if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
             return super()._get_field_parts(orig_offs, raw_type)
@@ -192,6 +202,15 @@ class _Reader(GGUFReader):
         return offs - orig_offs, parts, list(range(2, n + 2)), [GGUFValueType.ARRAY, itype]
 
 
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "?"
+
+
 def _open_reader(path: Path) -> GGUFReader:
     try:
         # Copy-on-write: torch needs writable arrays, and a stray in-place op must not crash on a read-only page.
@@ -199,7 +218,11 @@ def _open_reader(path: Path) -> GGUFReader:
     except ValueError as e:
         msg = str(e)
         if "GGMLQuantizationType" in msg:
-            raise GGUFError(f"{path}: unknown GGML quantization type id ({msg}); the file may need a newer gguf package") from e
+            qid = re.search(r"(\d+)\)? is not a valid", msg)
+            raise GGUFError(
+                f"{path}: unknown GGML quantization type id {qid.group(1) if qid else msg} "
+                f"(gguf {_gguf_version()} does not know it)"
+            ) from e
         if "block size" in msg or "row size" in msg:
             raise GGUFError(f"{path}: tensor row length does not fit its quantization type ({msg})") from e
         raise GGUFError(f"{path}: truncated or corrupt GGUF file ({msg})") from e
