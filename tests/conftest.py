@@ -26,3 +26,11 @@ def gemma_gguf_path():
     from ferrum_mps.default_model import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def gemma_reader(gemma_gguf_path):
+    """gguf-py's own reader on the Gemma file: the independent reference, parsed once per session."""
+    import gguf
+
+    return gguf.GGUFReader(gemma_gguf_path)

@@ -1,1 +1,6 @@
 """nn.Modules built on the ferrum ops."""
+
+from .linear import QuantEmbedding, QuantLinear
+from .moe import FusedMoE
+
+__all__ = ["QuantLinear", "QuantEmbedding", "FusedMoE"]
