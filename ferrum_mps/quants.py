@@ -260,5 +260,234 @@ def dequantize_raw(raw: torch.Tensor, qtype, cols: int, dtype: torch.dtype = tor
     return out.view(rows, cols)
 
 
-def quantize(w: torch.Tensor, qtype) -> torch.Tensor:  # pragma: no cover - replaced below
-    raise NotImplementedError
+# ---------------------------------------------------------------------------
+# quantization: llama.cpp's reference quantizers (quantize_row_*_ref), all blocks at once.
+# fn(x float32 [n, block_size]) -> uint8 [n, type_size]
+
+
+def _f16_bytes(d: torch.Tensor) -> torch.Tensor:
+    """float32 [n] -> [n, 2] fp16 bytes (round to nearest even, like GGML_FP32_TO_FP16)."""
+    return d.to(torch.float16).view(-1, 1).view(torch.uint8)
+
+
+def _round_away(x: torch.Tensor) -> torch.Tensor:
+    """C roundf (halves away from zero), exact for every float32."""
+    a = x.abs()
+    f = a.floor()
+    return torch.copysign(f + torch.floor(2 * (a - f)), x)
+
+
+def _inv(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, torch.ones_like(d), d))
+
+
+def _pack_nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return (lo & 0x0F) | ((hi & 0x0F) << 4)
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """[..., 8k] 0/1 -> [..., k] bytes, bit j of the little-endian integer = bits[j]."""
+    shifts = _u8(range(8), bits.device)
+    return (bits.unflatten(-1, (-1, 8)) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _signed_max(x: torch.Tensor) -> torch.Tensor:
+    """The value of largest magnitude per row (first one on ties, like the C loops' strict `<`)."""
+    return x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def _q_q8_0(x):
+    d = x.abs().amax(1) / 127
+    q = _round_away(x * _inv(d)[:, None]).to(torch.int8).view(torch.uint8)
+    return torch.cat((_f16_bytes(d), q), 1)
+
+
+def _q_q4_0(x):
+    d = _signed_max(x) / -8
+    q = torch.trunc(x * _inv(d)[:, None] + 8.5).clamp_(0, 15).to(torch.uint8)
+    return torch.cat((_f16_bytes(d), _pack_nibbles(q[:, :16], q[:, 16:])), 1)
+
+
+def _q_q5_0(x):
+    d = _signed_max(x) / -16
+    q = torch.trunc(x * _inv(d)[:, None] + 16.5).clamp_(0, 31).to(torch.uint8)
+    return torch.cat((_f16_bytes(d), _pack_bits(q >> 4), _pack_nibbles(q[:, :16], q[:, 16:])), 1)
+
+
+def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """make_qkx2_quants for every row of x [N, n] at once: (L uint8 [N, n], scale [N], -min [N]).
+
+    Candidate 0 is the plain min/max grid; candidates 1..nstep+1 stretch the grid by
+    rmin + rdelta*is levels and refit scale and min by weighted least squares. The
+    weighted error of each candidate comes from the sums in closed form, and the
+    first candidate with the smallest error wins, as in the sequential C loop.
+    """
+    mn = x.amin(1).clamp(max=0)
+    rng = x.amax(1) - mn
+    flat = rng == 0
+    rng = torch.where(flat, torch.ones_like(rng), rng)
+    steps = rmin + rdelta * torch.arange(nstep + 1, device=x.device, dtype=torch.float32)
+    iscale = torch.cat((torch.full_like(steps[:1], nmax), steps + nmax))[None, :] / rng[:, None]  # [N, C]
+    xm = x - mn[:, None]
+    l = torch.round(iscale[:, :, None] * xm[:, None, :]).clamp_(0, nmax)  # [N, C, n]
+    wl = w[:, None, :] * l
+    sum_l, sum_l2, sum_xl = wl.sum(-1), (wl * l).sum(-1), (wl * x[:, None, :]).sum(-1)
+    sum_w, sum_x, sum_x2 = w.sum(1, keepdim=True), (w * x).sum(1, keepdim=True), (w * x * x).sum(1, keepdim=True)
+    D = sum_w * sum_l2 - sum_l * sum_l
+    Ds = torch.where(D > 0, D, torch.ones_like(D))
+    scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+    m = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+    clip = m > 0
+    m = torch.where(clip, torch.zeros_like(m), m)
+    scale = torch.where(clip, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), scale)
+    scale[:, 0] = 1 / iscale[:, 0]
+    m[:, 0] = mn
+    s, m64 = scale.double(), m.double()
+    err = (s * s * sum_l2.double() + 2 * s * m64 * sum_l.double() - 2 * s * sum_xl.double()
+           + m64 * m64 * sum_w.double() - 2 * m64 * sum_x.double() + sum_x2.double())
+    valid = D > 0
+    valid[:, 0] = True
+    best = torch.where(valid, err, torch.full_like(err, float("inf"))).argmin(1, keepdim=True)
+    L = l.gather(1, best[:, :, None].expand(-1, 1, l.shape[-1])).squeeze(1)
+    scale, m = scale.gather(1, best).squeeze(1), m.gather(1, best).squeeze(1)
+    L = torch.where(flat[:, None], torch.zeros_like(L), L)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    m = torch.where(flat, mn, m)
+    return L.to(torch.uint8), scale, -m
+
+
+def _pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """8 six-bit scales and mins -> the 12 bytes get_scale_min_k4 reads."""
+    lo_s, hi_s, lo_m, hi_m = ls[:, :4], ls[:, 4:], lm[:, :4], lm[:, 4:]
+    return torch.cat((lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6), _pack_nibbles(hi_s, hi_m)), 1)
+
+
+def _q_k_min(x, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """quantize_row_q4_K_ref / q5_K_ref up to packing: (d, dmin fp16 bytes, 12 scale bytes, L [n, 8, 32])."""
+    nb = x.shape[0]
+    xs = x.reshape(nb * 8, 32)
+    av = torch.sqrt((xs * xs).sum(1) / 32)
+    L, sc, mn = _make_qkx2(xs, av[:, None] + xs.abs(), nmax, rmin, rdelta, nstep)
+    sc, mn, L = sc.view(nb, 8), mn.view(nb, 8), L.view(nb, 8, 32)
+    max_scale, max_min = sc.amax(1).clamp(min=0), mn.amax(1).clamp(min=0)
+    ls = torch.round(torch.where(max_scale > 0, 63 / max_scale, 0)[:, None] * sc).clamp_(0, 63)
+    lm = torch.round(torch.where(max_min > 0, 63 / max_min, 0)[:, None] * mn).clamp_(0, 63)
+    d16, dmin16 = (max_scale / 63).to(torch.float16), (max_min / 63).to(torch.float16)
+    d = (d16.float()[:, None] * ls)[:, :, None]
+    dm = (dmin16.float()[:, None] * lm)[:, :, None]
+    requant = torch.round((x.view(nb, 8, 32) + dm) / torch.where(d == 0, torch.ones_like(d), d)).clamp_(0, nmax)
+    L = torch.where(d != 0, requant.to(torch.uint8), L)
+    head = torch.cat((d16.view(-1, 1).view(torch.uint8), dmin16.view(-1, 1).view(torch.uint8),
+                      _pack_scale_min_k4(ls.to(torch.uint8), lm.to(torch.uint8))), 1)
+    return head, L
+
+
+def _q_q4_k(x):
+    head, L = _q_k_min(x, 15, -1.0, 0.1, 20)
+    qs = _pack_nibbles(L[:, 0::2], L[:, 1::2]).flatten(1)  # sub-blocks 2c, 2c+1 share 32 bytes
+    return torch.cat((head, qs), 1)
+
+
+def _q_q5_k(x):
+    head, L = _q_k_min(x, 31, -0.5, 0.1, 15)
+    qs = _pack_nibbles(L[:, 0::2], L[:, 1::2]).flatten(1)
+    qh = ((L >> 4) << _u8(range(8), x.device).view(8, 1)).sum(1, dtype=torch.uint8)  # bit s = sub-block s
+    return torch.cat((head, qh, qs), 1)
+
+
+_QX_STEPS = (0, -9, -8, -7, -6, -5, -4, -3, -2, -1, 1, 2, 3, 4, 5, 6, 7, 8, 9)
+
+
+def _make_qx(x, nmax: int):
+    """make_qx_quants(rmse_type=1, no weights) for every row of x [N, n]: (L [N, n] in [0, 2*nmax), scale [N])."""
+    mx = _signed_max(x)
+    zero = mx.abs() < 1e-15
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    steps = torch.tensor(_QX_STEPS, dtype=torch.float32, device=x.device)
+    iscale = -(nmax + 0.1 * steps)[None, :] / mx[:, None]  # [N, C]
+    l = torch.round(iscale[:, :, None] * x[:, None, :]).clamp_(-nmax, nmax - 1)
+    wl = (x * x)[:, None, :] * l
+    sumlx, suml2 = (wl * x[:, None, :]).sum(-1), (wl * l).sum(-1)
+    pos = suml2 > 0
+    safe = torch.where(pos, suml2, torch.ones_like(suml2))
+    score = torch.where(pos, sumlx * sumlx / safe, torch.full_like(sumlx, -float("inf")))
+    score[:, 0] = torch.where(pos[:, 0], score[:, 0], torch.zeros_like(score[:, 0]))
+    best = score.argmax(1, keepdim=True)
+    L = l.gather(1, best[:, :, None].expand(-1, 1, l.shape[-1])).squeeze(1) + nmax
+    scale = torch.where(pos, sumlx / safe, torch.zeros_like(sumlx)).gather(1, best).squeeze(1)
+    L = torch.where(zero[:, None], torch.zeros_like(L), L)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    return L.to(torch.uint8), scale
+
+
+def _q_q6_k(x):
+    nb = x.shape[0]
+    L, sc = _make_qx(x.reshape(nb * 16, 16), 32)
+    L, sc = L.view(nb, 16, 16), sc.view(nb, 16)
+    max_scale = _signed_max(sc)
+    zero = max_scale.abs() < 1e-15
+    iscale = -128 / torch.where(zero, torch.ones_like(max_scale), max_scale)
+    d16 = (1 / iscale).to(torch.float16)
+    q_sc = torch.round(iscale[:, None] * sc).clamp_(-128, 127)
+    d = (d16.float()[:, None] * q_sc)[:, :, None]
+    requant = torch.round(x.view(nb, 16, 16) / torch.where(d == 0, torch.ones_like(d), d)).clamp_(-32, 31) + 32
+    L = torch.where(d != 0, requant.to(torch.uint8), L).view(nb, 2, 4, 32)
+    ql = _pack_nibbles(L[:, :, 0:2], L[:, :, 2:4]).flatten(1)
+    qh = ((L >> 4) << _u8((0, 2, 4, 6), x.device).view(4, 1)).sum(2, dtype=torch.uint8).flatten(1)
+    out = torch.cat((ql, qh, q_sc.to(torch.int8).view(torch.uint8), d16.view(-1, 1).view(torch.uint8)), 1)
+    return torch.where(zero[:, None], torch.zeros_like(out), out)
+
+
+def _q_float(dtype):
+    def f(x):
+        return x.to(dtype).view(torch.uint8)
+
+    return f
+
+
+_QUANT: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
+    Q.F32: _q_float(torch.float32),
+    Q.F16: _q_float(torch.float16),
+    Q.BF16: _q_float(torch.bfloat16),
+    Q.Q8_0: _q_q8_0,
+    Q.Q4_0: _q_q4_0,
+    Q.Q5_0: _q_q5_0,
+    Q.Q4_K: _q_q4_k,
+    Q.Q5_K: _q_q5_k,
+    Q.Q6_K: _q_q6_k,
+}
+QUANT_TYPES = tuple(_QUANT)
+
+# Values per quantization step: the k-quant searches hold ~20 candidates per value.
+_QUANT_CHUNK_VALUES = 1 << 17
+
+
+def quantize(w: torch.Tensor, qtype) -> torch.Tensor:
+    """Quantize float `w` [..., cols] to GGML blocks: uint8 [..., row_nbytes] on w's device.
+
+    Follows llama.cpp's reference quantizers (no importance matrix): Q8_0/Q4_0/Q5_0
+    are absmax-scaled, Q4_K/Q5_K search each sub-block's scale and min
+    (make_qkx2_quants), Q6_K searches each sub-block's scale (make_qx_quants).
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a float tensor, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"w must be a float tensor, got {w.dtype}")
+    qt = check_qtype(qtype)
+    if qt not in _QUANT:
+        raise ValueError(f"quantize does not support {qt.name}; supported: {', '.join(t.name for t in _QUANT)}")
+    if w.dim() == 0:
+        raise ValueError("w must have at least one dimension")
+    cols = w.shape[-1]
+    nb = row_nbytes(qt, cols)
+    x = w.detach().to(torch.float32).contiguous()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("w contains NaN or infinite values")
+    block, size = GGML_QUANT_SIZES[qt]
+    x = x.view(-1, block)
+    out = torch.empty(x.shape[0], size, dtype=torch.uint8, device=x.device)
+    fn = _QUANT[qt]
+    step = max(1, _QUANT_CHUNK_VALUES // block)
+    for i in range(0, x.shape[0], step):
+        out[i : i + step] = fn(x[i : i + step])
+    return out.view(*w.shape[:-1], nb)
