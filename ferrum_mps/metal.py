@@ -6,3 +6,9 @@ they run the same launch code, grid sizes and validation that run on a Mac.
 """
 
 from .shaders import get_shader_compiler, set_shader_compiler, use_shader_compiler  # noqa: F401
+from .ops.linear import dequantize_mps as dequantize  # noqa: F401,E402
+from .ops.linear import qembedding_mps as qembedding  # noqa: F401,E402
+from .ops.linear import qlinear_mps as qlinear  # noqa: F401,E402
+from .ops.moe import moe_ffn_mps as moe_ffn  # noqa: F401,E402
+from .ops.moe import moe_qlinear_mps as moe_qlinear  # noqa: F401,E402
+from .ops.moe import moe_route_mps as moe_route  # noqa: F401,E402

@@ -152,11 +152,11 @@ def _(raw, qtype, rows, cols, dtype):
 def dequantize_mps(raw: torch.Tensor, qtype: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     qt = check_raw(raw, qtype, rows, cols)
     check_float_dtype(dtype, "dtype")
+    if qt == Q.F32 or (qt in FLOAT_QTYPES and FLOAT_QTYPES[qt] == dtype):
+        return _float_view(raw, qt, rows, cols).to(dtype, copy=True)
     out = torch.empty((rows, cols), dtype=dtype, device=raw.device)
     if rows == 0:
         return out
-    if qt in FLOAT_QTYPES and FLOAT_QTYPES[qt] == dtype and raw.storage_offset() % 4 == 0:
-        return _float_view(raw, qt, rows, cols).clone()
     _check_metal_raw(raw, qt)
     # One thread per 16 values: the unit every block dequantizer in quant_blocks.h produces.
     n16 = rows * cols // 16
@@ -254,6 +254,8 @@ def qembedding_mps(ids: torch.Tensor, raw: torch.Tensor, qtype: int, dim: int) -
     """As the CPU op, but an id outside [0, rows) yields a row of zeros (checking it would need a host readback)."""
     qt, rows = _embedding_rows(raw, qtype, dim)
     _check_ids(ids, raw)
+    if qt == Q.F32:
+        return _float_view(raw, qt, rows, dim).index_select(0, ids.reshape(-1)).view(*ids.shape, dim)
     flat = ids.reshape(-1).to(torch.int32).contiguous()
     out = torch.empty((flat.numel(), dim), dtype=torch.float32, device=raw.device)
     if flat.numel() == 0:
