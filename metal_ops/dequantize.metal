@@ -38,40 +38,56 @@ typedef decltype(k_dequant<blk_q4_K, float>) k_dequant_f32_t;
 typedef decltype(k_dequant<blk_q4_K, half>) k_dequant_f16_t;
 typedef decltype(k_get_rows<blk_q4_K>) k_get_rows_t;
 
-#define DQ(name, B, dt, T) template [[host_name("dequant_" name "_" #dt)]] kernel k_dequant_##dt##_t k_dequant<B, T>;
-#define GR(name, B) template [[host_name("get_rows_" name)]] kernel k_get_rows_t k_get_rows<B>;
-
-#define DQ_ALL(X, dt, T)                    \
-    X("q4_0", blk_q4_0, dt, T)              \
-    X("q4_1", blk_q4_1, dt, T)              \
-    X("q5_0", blk_q5_0, dt, T)              \
-    X("q5_1", blk_q5_1, dt, T)              \
-    X("q8_0", blk_q8_0, dt, T)              \
-    X("q2_k", blk_q2_K, dt, T)              \
-    X("q3_k", blk_q3_K, dt, T)              \
-    X("q4_k", blk_q4_K, dt, T)              \
-    X("q5_k", blk_q5_K, dt, T)              \
-    X("q6_k", blk_q6_K, dt, T)              \
-    X("f16", blk_f16, dt, T)                \
-    X("bf16", blk_bf16, dt, T)
-
-DQ_ALL(DQ, f32, float)
-DQ_ALL(DQ, f16, half)
-
-GR("q4_0", blk_q4_0)
-GR("q4_1", blk_q4_1)
-GR("q5_0", blk_q5_0)
-GR("q5_1", blk_q5_1)
-GR("q8_0", blk_q8_0)
-GR("q2_k", blk_q2_K)
-GR("q3_k", blk_q3_K)
-GR("q4_k", blk_q4_K)
-GR("q5_k", blk_q5_K)
-GR("q6_k", blk_q6_K)
-GR("f16", blk_f16)
-GR("bf16", blk_bf16)
+// Explicit instantiations, one literal host name each.
+template [[host_name("dequant_q4_0_f32")]] kernel k_dequant_f32_t k_dequant<blk_q4_0, float>;
+template [[host_name("dequant_q4_1_f32")]] kernel k_dequant_f32_t k_dequant<blk_q4_1, float>;
+template [[host_name("dequant_q5_0_f32")]] kernel k_dequant_f32_t k_dequant<blk_q5_0, float>;
+template [[host_name("dequant_q5_1_f32")]] kernel k_dequant_f32_t k_dequant<blk_q5_1, float>;
+template [[host_name("dequant_q8_0_f32")]] kernel k_dequant_f32_t k_dequant<blk_q8_0, float>;
+template [[host_name("dequant_q2_k_f32")]] kernel k_dequant_f32_t k_dequant<blk_q2_K, float>;
+template [[host_name("dequant_q3_k_f32")]] kernel k_dequant_f32_t k_dequant<blk_q3_K, float>;
+template [[host_name("dequant_q4_k_f32")]] kernel k_dequant_f32_t k_dequant<blk_q4_K, float>;
+template [[host_name("dequant_q5_k_f32")]] kernel k_dequant_f32_t k_dequant<blk_q5_K, float>;
+template [[host_name("dequant_q6_k_f32")]] kernel k_dequant_f32_t k_dequant<blk_q6_K, float>;
+template [[host_name("dequant_f16_f32")]] kernel k_dequant_f32_t k_dequant<blk_f16, float>;
+template [[host_name("dequant_bf16_f32")]] kernel k_dequant_f32_t k_dequant<blk_bf16, float>;
+template [[host_name("dequant_q4_0_f16")]] kernel k_dequant_f16_t k_dequant<blk_q4_0, half>;
+template [[host_name("dequant_q4_1_f16")]] kernel k_dequant_f16_t k_dequant<blk_q4_1, half>;
+template [[host_name("dequant_q5_0_f16")]] kernel k_dequant_f16_t k_dequant<blk_q5_0, half>;
+template [[host_name("dequant_q5_1_f16")]] kernel k_dequant_f16_t k_dequant<blk_q5_1, half>;
+template [[host_name("dequant_q8_0_f16")]] kernel k_dequant_f16_t k_dequant<blk_q8_0, half>;
+template [[host_name("dequant_q2_k_f16")]] kernel k_dequant_f16_t k_dequant<blk_q2_K, half>;
+template [[host_name("dequant_q3_k_f16")]] kernel k_dequant_f16_t k_dequant<blk_q3_K, half>;
+template [[host_name("dequant_q4_k_f16")]] kernel k_dequant_f16_t k_dequant<blk_q4_K, half>;
+template [[host_name("dequant_q5_k_f16")]] kernel k_dequant_f16_t k_dequant<blk_q5_K, half>;
+template [[host_name("dequant_q6_k_f16")]] kernel k_dequant_f16_t k_dequant<blk_q6_K, half>;
+template [[host_name("dequant_f16_f16")]] kernel k_dequant_f16_t k_dequant<blk_f16, half>;
+template [[host_name("dequant_bf16_f16")]] kernel k_dequant_f16_t k_dequant<blk_bf16, half>;
+template [[host_name("get_rows_q4_0")]] kernel k_get_rows_t k_get_rows<blk_q4_0>;
+template [[host_name("get_rows_q4_1")]] kernel k_get_rows_t k_get_rows<blk_q4_1>;
+template [[host_name("get_rows_q5_0")]] kernel k_get_rows_t k_get_rows<blk_q5_0>;
+template [[host_name("get_rows_q5_1")]] kernel k_get_rows_t k_get_rows<blk_q5_1>;
+template [[host_name("get_rows_q8_0")]] kernel k_get_rows_t k_get_rows<blk_q8_0>;
+template [[host_name("get_rows_q2_k")]] kernel k_get_rows_t k_get_rows<blk_q2_K>;
+template [[host_name("get_rows_q3_k")]] kernel k_get_rows_t k_get_rows<blk_q3_K>;
+template [[host_name("get_rows_q4_k")]] kernel k_get_rows_t k_get_rows<blk_q4_K>;
+template [[host_name("get_rows_q5_k")]] kernel k_get_rows_t k_get_rows<blk_q5_K>;
+template [[host_name("get_rows_q6_k")]] kernel k_get_rows_t k_get_rows<blk_q6_K>;
+template [[host_name("get_rows_f16")]] kernel k_get_rows_t k_get_rows<blk_f16>;
+template [[host_name("get_rows_bf16")]] kernel k_get_rows_t k_get_rows<blk_bf16>;
 
 #if defined(__HAVE_BFLOAT__)
 typedef decltype(k_dequant<blk_q4_K, bfloat>) k_dequant_bf16_t;
-DQ_ALL(DQ, bf16, bfloat)
+template [[host_name("dequant_q4_0_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_q4_0, bfloat>;
+template [[host_name("dequant_q4_1_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_q4_1, bfloat>;
+template [[host_name("dequant_q5_0_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_q5_0, bfloat>;
+template [[host_name("dequant_q5_1_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_q5_1, bfloat>;
+template [[host_name("dequant_q8_0_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_q8_0, bfloat>;
+template [[host_name("dequant_q2_k_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_q2_K, bfloat>;
+template [[host_name("dequant_q3_k_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_q3_K, bfloat>;
+template [[host_name("dequant_q4_k_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_q4_K, bfloat>;
+template [[host_name("dequant_q5_k_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_q5_K, bfloat>;
+template [[host_name("dequant_q6_k_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_q6_K, bfloat>;
+template [[host_name("dequant_f16_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_f16, bfloat>;
+template [[host_name("dequant_bf16_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_bf16, bfloat>;
 #endif

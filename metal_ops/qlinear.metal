@@ -65,42 +65,88 @@ typedef decltype(k_mvb<blk_q4_K, half>) k_mvb_f16_t;
 typedef decltype(k_mm<blk_q4_K, float>) k_mm_f32_t;
 typedef decltype(k_mm<blk_q4_K, half>) k_mm_f16_t;
 
-#define QL_MV(name, M, dt, T) template [[host_name("mv_" name "_" #dt)]] kernel k_mv_##dt##_t k_mv<M, T>;
-#define QL_MVB(name, B, dt, T) template [[host_name("mvb_" name "_" #dt)]] kernel k_mvb_##dt##_t k_mvb<B, T>;
-#define QL_MM(name, B, dt, T) template [[host_name("mm_" name "_" #dt)]] kernel k_mm_##dt##_t k_mm<B, T>;
-
-#define QL_MV_ALL(dt, T)                    \
-    QL_MV("q4_0", mv_q4_0, dt, T)           \
-    QL_MV("q5_0", mv_q5_0, dt, T)           \
-    QL_MV("q8_0", mv_q8_0, dt, T)           \
-    QL_MV("q4_k", mv_q4_K, dt, T)           \
-    QL_MV("q5_k", mv_q5_K, dt, T)           \
-    QL_MV("q6_k", mv_q6_K, dt, T)
-
-#define QL_BLOCKS(X, dt, T)                 \
-    X("q4_0", blk_q4_0, dt, T)              \
-    X("q4_1", blk_q4_1, dt, T)              \
-    X("q5_0", blk_q5_0, dt, T)              \
-    X("q5_1", blk_q5_1, dt, T)              \
-    X("q8_0", blk_q8_0, dt, T)              \
-    X("q2_k", blk_q2_K, dt, T)              \
-    X("q3_k", blk_q3_K, dt, T)              \
-    X("q4_k", blk_q4_K, dt, T)              \
-    X("q5_k", blk_q5_K, dt, T)              \
-    X("q6_k", blk_q6_K, dt, T)
-
-QL_MV_ALL(f32, float)
-QL_MV_ALL(f16, half)
-QL_BLOCKS(QL_MVB, f32, float)
-QL_BLOCKS(QL_MVB, f16, half)
-QL_BLOCKS(QL_MM, f32, float)
-QL_BLOCKS(QL_MM, f16, half)
+// Explicit instantiations, one literal host name each (kernels are looked up by name).
+template [[host_name("mv_q4_0_f32")]] kernel k_mv_f32_t k_mv<mv_q4_0, float>;
+template [[host_name("mv_q5_0_f32")]] kernel k_mv_f32_t k_mv<mv_q5_0, float>;
+template [[host_name("mv_q8_0_f32")]] kernel k_mv_f32_t k_mv<mv_q8_0, float>;
+template [[host_name("mv_q4_k_f32")]] kernel k_mv_f32_t k_mv<mv_q4_K, float>;
+template [[host_name("mv_q5_k_f32")]] kernel k_mv_f32_t k_mv<mv_q5_K, float>;
+template [[host_name("mv_q6_k_f32")]] kernel k_mv_f32_t k_mv<mv_q6_K, float>;
+template [[host_name("mvb_q4_0_f32")]] kernel k_mvb_f32_t k_mvb<blk_q4_0, float>;
+template [[host_name("mvb_q4_1_f32")]] kernel k_mvb_f32_t k_mvb<blk_q4_1, float>;
+template [[host_name("mvb_q5_0_f32")]] kernel k_mvb_f32_t k_mvb<blk_q5_0, float>;
+template [[host_name("mvb_q5_1_f32")]] kernel k_mvb_f32_t k_mvb<blk_q5_1, float>;
+template [[host_name("mvb_q8_0_f32")]] kernel k_mvb_f32_t k_mvb<blk_q8_0, float>;
+template [[host_name("mvb_q2_k_f32")]] kernel k_mvb_f32_t k_mvb<blk_q2_K, float>;
+template [[host_name("mvb_q3_k_f32")]] kernel k_mvb_f32_t k_mvb<blk_q3_K, float>;
+template [[host_name("mvb_q4_k_f32")]] kernel k_mvb_f32_t k_mvb<blk_q4_K, float>;
+template [[host_name("mvb_q5_k_f32")]] kernel k_mvb_f32_t k_mvb<blk_q5_K, float>;
+template [[host_name("mvb_q6_k_f32")]] kernel k_mvb_f32_t k_mvb<blk_q6_K, float>;
+template [[host_name("mm_q4_0_f32")]] kernel k_mm_f32_t k_mm<blk_q4_0, float>;
+template [[host_name("mm_q4_1_f32")]] kernel k_mm_f32_t k_mm<blk_q4_1, float>;
+template [[host_name("mm_q5_0_f32")]] kernel k_mm_f32_t k_mm<blk_q5_0, float>;
+template [[host_name("mm_q5_1_f32")]] kernel k_mm_f32_t k_mm<blk_q5_1, float>;
+template [[host_name("mm_q8_0_f32")]] kernel k_mm_f32_t k_mm<blk_q8_0, float>;
+template [[host_name("mm_q2_k_f32")]] kernel k_mm_f32_t k_mm<blk_q2_K, float>;
+template [[host_name("mm_q3_k_f32")]] kernel k_mm_f32_t k_mm<blk_q3_K, float>;
+template [[host_name("mm_q4_k_f32")]] kernel k_mm_f32_t k_mm<blk_q4_K, float>;
+template [[host_name("mm_q5_k_f32")]] kernel k_mm_f32_t k_mm<blk_q5_K, float>;
+template [[host_name("mm_q6_k_f32")]] kernel k_mm_f32_t k_mm<blk_q6_K, float>;
+template [[host_name("mv_q4_0_f16")]] kernel k_mv_f16_t k_mv<mv_q4_0, half>;
+template [[host_name("mv_q5_0_f16")]] kernel k_mv_f16_t k_mv<mv_q5_0, half>;
+template [[host_name("mv_q8_0_f16")]] kernel k_mv_f16_t k_mv<mv_q8_0, half>;
+template [[host_name("mv_q4_k_f16")]] kernel k_mv_f16_t k_mv<mv_q4_K, half>;
+template [[host_name("mv_q5_k_f16")]] kernel k_mv_f16_t k_mv<mv_q5_K, half>;
+template [[host_name("mv_q6_k_f16")]] kernel k_mv_f16_t k_mv<mv_q6_K, half>;
+template [[host_name("mvb_q4_0_f16")]] kernel k_mvb_f16_t k_mvb<blk_q4_0, half>;
+template [[host_name("mvb_q4_1_f16")]] kernel k_mvb_f16_t k_mvb<blk_q4_1, half>;
+template [[host_name("mvb_q5_0_f16")]] kernel k_mvb_f16_t k_mvb<blk_q5_0, half>;
+template [[host_name("mvb_q5_1_f16")]] kernel k_mvb_f16_t k_mvb<blk_q5_1, half>;
+template [[host_name("mvb_q8_0_f16")]] kernel k_mvb_f16_t k_mvb<blk_q8_0, half>;
+template [[host_name("mvb_q2_k_f16")]] kernel k_mvb_f16_t k_mvb<blk_q2_K, half>;
+template [[host_name("mvb_q3_k_f16")]] kernel k_mvb_f16_t k_mvb<blk_q3_K, half>;
+template [[host_name("mvb_q4_k_f16")]] kernel k_mvb_f16_t k_mvb<blk_q4_K, half>;
+template [[host_name("mvb_q5_k_f16")]] kernel k_mvb_f16_t k_mvb<blk_q5_K, half>;
+template [[host_name("mvb_q6_k_f16")]] kernel k_mvb_f16_t k_mvb<blk_q6_K, half>;
+template [[host_name("mm_q4_0_f16")]] kernel k_mm_f16_t k_mm<blk_q4_0, half>;
+template [[host_name("mm_q4_1_f16")]] kernel k_mm_f16_t k_mm<blk_q4_1, half>;
+template [[host_name("mm_q5_0_f16")]] kernel k_mm_f16_t k_mm<blk_q5_0, half>;
+template [[host_name("mm_q5_1_f16")]] kernel k_mm_f16_t k_mm<blk_q5_1, half>;
+template [[host_name("mm_q8_0_f16")]] kernel k_mm_f16_t k_mm<blk_q8_0, half>;
+template [[host_name("mm_q2_k_f16")]] kernel k_mm_f16_t k_mm<blk_q2_K, half>;
+template [[host_name("mm_q3_k_f16")]] kernel k_mm_f16_t k_mm<blk_q3_K, half>;
+template [[host_name("mm_q4_k_f16")]] kernel k_mm_f16_t k_mm<blk_q4_K, half>;
+template [[host_name("mm_q5_k_f16")]] kernel k_mm_f16_t k_mm<blk_q5_K, half>;
+template [[host_name("mm_q6_k_f16")]] kernel k_mm_f16_t k_mm<blk_q6_K, half>;
 
 #if defined(__HAVE_BFLOAT__)
 typedef decltype(k_mv<mv_q4_K, bfloat>) k_mv_bf16_t;
 typedef decltype(k_mvb<blk_q4_K, bfloat>) k_mvb_bf16_t;
 typedef decltype(k_mm<blk_q4_K, bfloat>) k_mm_bf16_t;
-QL_MV_ALL(bf16, bfloat)
-QL_BLOCKS(QL_MVB, bf16, bfloat)
-QL_BLOCKS(QL_MM, bf16, bfloat)
+template [[host_name("mv_q4_0_bf16")]] kernel k_mv_bf16_t k_mv<mv_q4_0, bfloat>;
+template [[host_name("mv_q5_0_bf16")]] kernel k_mv_bf16_t k_mv<mv_q5_0, bfloat>;
+template [[host_name("mv_q8_0_bf16")]] kernel k_mv_bf16_t k_mv<mv_q8_0, bfloat>;
+template [[host_name("mv_q4_k_bf16")]] kernel k_mv_bf16_t k_mv<mv_q4_K, bfloat>;
+template [[host_name("mv_q5_k_bf16")]] kernel k_mv_bf16_t k_mv<mv_q5_K, bfloat>;
+template [[host_name("mv_q6_k_bf16")]] kernel k_mv_bf16_t k_mv<mv_q6_K, bfloat>;
+template [[host_name("mvb_q4_0_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q4_0, bfloat>;
+template [[host_name("mvb_q4_1_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q4_1, bfloat>;
+template [[host_name("mvb_q5_0_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q5_0, bfloat>;
+template [[host_name("mvb_q5_1_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q5_1, bfloat>;
+template [[host_name("mvb_q8_0_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q8_0, bfloat>;
+template [[host_name("mvb_q2_k_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q2_K, bfloat>;
+template [[host_name("mvb_q3_k_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q3_K, bfloat>;
+template [[host_name("mvb_q4_k_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q4_K, bfloat>;
+template [[host_name("mvb_q5_k_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q5_K, bfloat>;
+template [[host_name("mvb_q6_k_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q6_K, bfloat>;
+template [[host_name("mm_q4_0_bf16")]] kernel k_mm_bf16_t k_mm<blk_q4_0, bfloat>;
+template [[host_name("mm_q4_1_bf16")]] kernel k_mm_bf16_t k_mm<blk_q4_1, bfloat>;
+template [[host_name("mm_q5_0_bf16")]] kernel k_mm_bf16_t k_mm<blk_q5_0, bfloat>;
+template [[host_name("mm_q5_1_bf16")]] kernel k_mm_bf16_t k_mm<blk_q5_1, bfloat>;
+template [[host_name("mm_q8_0_bf16")]] kernel k_mm_bf16_t k_mm<blk_q8_0, bfloat>;
+template [[host_name("mm_q2_k_bf16")]] kernel k_mm_bf16_t k_mm<blk_q2_K, bfloat>;
+template [[host_name("mm_q3_k_bf16")]] kernel k_mm_bf16_t k_mm<blk_q3_K, bfloat>;
+template [[host_name("mm_q4_k_bf16")]] kernel k_mm_bf16_t k_mm<blk_q4_K, bfloat>;
+template [[host_name("mm_q5_k_bf16")]] kernel k_mm_bf16_t k_mm<blk_q5_K, bfloat>;
+template [[host_name("mm_q6_k_bf16")]] kernel k_mm_bf16_t k_mm<blk_q6_K, bfloat>;
 #endif
