@@ -90,7 +90,7 @@ def test_qlinear_float16_activations(metal_device, qt, m):
 
 
 @pytest.mark.parametrize("m", [1, 6, 33])
-@pytest.mark.parametrize("qt", MV_QTYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("qt", QTYPES, ids=lambda q: q.name)
 def test_qlinear_longer_rows(metal_device, qt, m):
     """K spanning several lane strides (and, for 32-blocks, a partial last stride)."""
     k = _k(qt, big=True)
@@ -117,6 +117,20 @@ def test_qlinear_float_weights_use_torch(metal_device, qt):
     x = torch.randn(3, 64)
     y = metal.qlinear(x.to(metal_device), raw.to(metal_device), int(qt), 5, 64)
     check(y, reference(x, raw, qt, 5, 64), torch.float32)
+
+
+def test_real_gemma_weights(metal_device, gemma_gguf_path):
+    """llama.cpp-made Q4_K / Q6_K / Q5_0 rows through every kernel family, vs the CPU op."""
+    from ferrum_mps.gguf_file import read_gguf
+
+    f = read_gguf(gemma_gguf_path)
+    for name, m in (("blk.0.attn_output.weight", 1), ("blk.0.ffn_down.weight", 3), ("blk.0.attn_k.weight", 1), ("blk.0.attn_output.weight", 9)):
+        qt = f.tensors[name]
+        n, k = qt.shape
+        raw = qt.raw[:40].contiguous()  # 40 rows keep the harness run short; the blocks are the file's
+        x = torch.randn(m, k)
+        y = metal.qlinear(x.to(metal_device), raw.to(metal_device), int(qt.qtype), 40, k)
+        check(y, reference(x, raw, qt.qtype, 40, k), torch.float32)
 
 
 class _CountingCompiler:
