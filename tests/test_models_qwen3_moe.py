@@ -1,0 +1,141 @@
+"""Qwen3-MoE from a synthetic llama.cpp-style GGUF vs transformers loading the very same file."""
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from transformers.generation.streamers import BaseStreamer
+
+import ferrum_mps.loading as loading
+from ferrum_mps.models import Qwen3MoeForCausalLM
+from ferrum_mps.nn.moe import FusedMoE
+from ferrum_mps.testing.synthetic import synthetic_gguf
+
+GREEDY = dict(do_sample=False, max_new_tokens=20, min_new_tokens=20)
+SHORT = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6)  # CPU reference ops are slow: keep the rest short
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return synthetic_gguf("qwen3moe")  # 2 layers, 8 experts top-2, expert width 512, vocab 1027
+
+
+@pytest.fixture(scope="module")
+def model(synth):
+    return loading.load_model(synth.path, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def ref(synth):
+    # config= because transformers 5.23 ignores qwen3moe.expert_feed_forward_length (builds 768-wide experts).
+    return synth.hf_model(dtype=torch.float32)
+
+
+def prompt(n, seed, vocab=1024):
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_file_has_the_mixed_qtypes_and_our_model_reads_them(synth, model):
+    assert {Q.Q4_K, Q.Q6_K, Q.Q8_0} <= set(synth.qtypes.values())
+    assert isinstance(model, Qwen3MoeForCausalLM)
+    c = model.config
+    assert (c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok) == (512, 8, 2)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size) == (4, 2, 64, 1027)
+    assert not c.tied_lm_head and c.mlp_only_layers == []
+    moe = model.layers[1].mlp
+    assert isinstance(moe, FusedMoE) and moe.intermediate_size == 512
+    assert moe.gate_qtype == int(synth.qtypes["blk.1.ffn_gate_exps.weight"])
+    assert moe.down_qtype == int(synth.qtypes["blk.1.ffn_down_exps.weight"])
+    # weights stay raw bytes: no float tensor anywhere near the size of a projection
+    big_float = [n for n, t in model.state_dict().items() if t.is_floating_point() and t.numel() > 4096]
+    assert big_float == [], big_float
+
+
+def test_logits_match_transformers(model, ref):
+    ids = torch.randint(0, 1027, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, ref(ids).logits
+    assert ours.shape == theirs.shape == (2, 13, 1027)
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
+
+
+def test_logits_to_keep_and_incremental_cache(model):
+    ids = prompt(9, 3)
+    with torch.no_grad():
+        full = model(ids).logits
+        last = model(ids, logits_to_keep=1).logits
+        out = model(ids[:, :6], use_cache=True)
+        step = model(ids[:, 6:], past_key_values=out.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step, full[:, 6:], atol=1e-4, rtol=0)
+
+
+def test_greedy_generate_matches_transformers(model, ref):
+    ids = prompt(7, 1)
+    ours = model.generate(ids, **GREEDY)
+    theirs = ref.generate(ids, **GREEDY)
+    assert ours.shape == (1, 27)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_left_padded_batch_equals_per_prompt(model, synth):
+    a, b = prompt(7, 1), prompt(4, 2)
+    pad = synth.config.pad_token_id
+    batch = torch.cat([a, torch.cat([torch.full((1, 3), pad), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    both = model.generate(batch, attention_mask=mask, **SHORT)
+    assert both[0].tolist() == model.generate(a, **SHORT)[0].tolist()
+    assert both[1, 7:].tolist() == model.generate(b, **SHORT)[0, 4:].tolist()
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_and_sampling_through_generate(model, synth):
+    tok = loading.load_tokenizer(synth.path)
+    enc = tok("hello world", return_tensors="pt")
+    streamer = Collect()
+    out = model.generate(**enc, streamer=streamer, **SHORT)
+    streamed = [t for chunk in streamer.chunks[1:] for t in chunk]  # first put() is the prompt
+    assert streamer.ended and streamed == out[0, enc.input_ids.shape[1]:].tolist()
+    torch.manual_seed(0)
+    s1 = model.generate(**enc, do_sample=True, temperature=0.8, top_p=0.9, max_new_tokens=4)
+    torch.manual_seed(0)
+    s2 = model.generate(**enc, do_sample=True, temperature=0.8, top_p=0.9, max_new_tokens=4)
+    assert s1.tolist() == s2.tolist() and s1.shape[1] <= enc.input_ids.shape[1] + 4
+    assert tok.chat_template and "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def run_static(model, ids, steps, step_fn, max_len=32):
+    cache = model.static_cache(1, max_len)
+    T = ids.shape[1]
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache, cache_position=torch.arange(T)).logits[:, -1:]
+        toks, all_logits = [logits.argmax(-1)], []
+        for p in range(T, T + steps):
+            logits = step_fn(toks[-1], cache, torch.tensor([p]))
+            all_logits.append(logits)
+            toks.append(logits.argmax(-1))
+    return torch.cat(all_logits, 1), torch.cat(toks, 1)
+
+
+def test_compiled_static_decode_equals_eager_and_dynamic_cache(model):
+    def step(tok, cache, pos):
+        return model(tok, past_key_values=cache, cache_position=pos, position_ids=pos[None]).logits
+
+    ids = prompt(7, 1)
+    eager_logits, eager_toks = run_static(model, ids, 4, step)
+    assert eager_toks[0].tolist() == model.generate(ids, do_sample=False, max_new_tokens=5, min_new_tokens=5)[0, 7:].tolist()
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)  # fullgraph: any graph break raises
+    comp_logits, comp_toks = run_static(model, ids, 4, compiled)
+    assert comp_toks.tolist() == eager_toks.tolist()
+    torch.testing.assert_close(comp_logits, eager_logits, atol=1e-4, rtol=0)
