@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .compiler import CompilerNotFound, build, runtime_library
+from .compiler import CompilerNotFound, build_kernel, runtime_library, translate_source
 from .translate import MetalTranslationError
 
 __all__ = ["compile_shader", "MetalSimError", "MetalLibrary", "MetalKernel", "CompilerNotFound"]
@@ -109,29 +109,36 @@ def compile_shader(source: str, *, bounds_check: bool = True) -> "MetalLibrary":
 
 
 class MetalLibrary:
+    """Kernels are compiled on first lookup, each into its own cached shared library."""
+
     def __init__(self, source: str, *, bounds_check: bool = True):
-        rt = _runtime()
-        path, meta = build(source)
-        self._dll = ctypes.CDLL(str(path))
-        ctypes.c_void_p.in_dll(self._dll, "__msl_api").value = rt.msl_api()
-        n = ctypes.c_int.in_dll(self._dll, "__msl_nentries").value
-        table = (_Entry * max(n, 1)).in_dll(self._dll, "__msl_entries")
-        self._entries: dict[str, tuple[_Entry, dict]] = {}
-        for i in range(n):
-            e = table[i]
-            self._entries[e.name.decode()] = (e, meta["entries"][i])
+        self._key, meta = translate_source(source)
+        self._meta = {m["host"]: m for m in meta["entries"]}
+        self._kernels: dict[str, tuple] = {}
         self.bounds_check = bounds_check
 
+    def _load(self, name: str):
+        got = self._kernels.get(name)
+        if got is None:
+            rt = _runtime()
+            m = self._meta[name]
+            dll = ctypes.CDLL(str(build_kernel(self._key, m)))
+            ctypes.c_void_p.in_dll(dll, "__msl_api").value = rt.msl_api()
+            table = (_Entry * 1).in_dll(dll, "__msl_entries")
+            got = (dll, table[0], m)
+            self._kernels[name] = got
+        return got
+
     def __getattr__(self, name: str) -> "MetalKernel":
-        if name.startswith("__") or name in ("_entries", "_dll", "bounds_check"):
+        if name.startswith("_") or name == "bounds_check":
             raise AttributeError(name)
-        if name not in self._entries:
-            raise AttributeError(f"no kernel named {name!r} in this library (kernels: {sorted(self._entries)})")
-        e, meta = self._entries[name]
-        return MetalKernel(self, name, e, meta)
+        if name not in self._meta:
+            raise AttributeError(f"no kernel named {name!r} in this library (kernels: {sorted(self._meta)})")
+        dll, e, m = self._load(name)
+        return MetalKernel(self, name, e, m)
 
     def __dir__(self):
-        return sorted(set(super().__dir__()) | set(self._entries))
+        return sorted(set(super().__dir__()) | set(self._meta))
 
 
 class MetalKernel:

@@ -15,7 +15,7 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
-from .translate import MetalTranslationError, translate
+from .translate import Entry, KernelDef, Param, entry_code, translate
 
 HERE = Path(__file__).resolve().parent
 _HARNESS_FILES = ("metal_sim.h", "msl_rt.h", "translate.py", "compiler.py")
@@ -132,41 +132,57 @@ _DEFINES = ["-D__METAL_VERSION__=310", "-D__METAL__=1", "-D__METAL_MACOS__=1", "
 
 def preprocess(source: str) -> str:
     src = _INCLUDE_RE.sub("", source)
-    return _run(toolchain()["front"] + ["-E", "-P", "-x", "c++", "-std=c++17"] + _DEFINES + ["-"],
+    m = re.search(r"clang version (\d+)", toolchain()["id"])
+    bf = ["-D__HAVE_BFLOAT__=1"] if m and int(m.group(1)) >= 17 else []
+    return _run(toolchain()["front"] + ["-E", "-P", "-x", "c++", "-std=c++17"] + _DEFINES + bf + ["-"],
                 "preprocessing the Metal source", stdin=src)
 
 
-def build(source: str) -> tuple[Path, dict]:
-    """Translate and compile `source`; returns (shared library, metadata). Cached by hash."""
+def _entry_from_meta(m: dict) -> Entry:
+    kd = KernelDef(m["kernel"], [Param(**p) for p in m["params"]], m.get("max_threads"))
+    return Entry(host=m["host"], expr=m["expr"], kernel=kd, index=m["index"])
+
+
+def translate_source(source: str) -> tuple[str, dict]:
+    """Preprocess and translate `source` (cached by hash): returns (key, metadata)."""
     key = hashlib.sha256(source.encode() + _harness_hash().encode()).hexdigest()[:24]
     d = cache_dir()
-    so, meta_path = d / f"lib-{key}.so", d / f"lib-{key}.json"
-    if so.exists() and meta_path.exists():
-        return so, json.loads(meta_path.read_text())
-    pre = preprocess(source)
-    try:
-        cpp, entries = translate(pre)
-    except MetalTranslationError:
-        raise
-    text = '#include "metal_sim.h"\n' + cpp
-    cpp_path = d / f"lib-{key}.cpp"
-    cpp_path.write_text(text)
-    tmp = so.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-    tc = toolchain()
-    _run(tc["build"] + _build_flags() + ["-I", str(HERE), "-x", "c++", str(cpp_path), "-o", str(tmp)],
-         f"compiling the Metal source (translated C++ kept at {cpp_path})")
+    meta_path = d / f"lib-{key}.json"
+    if meta_path.exists():
+        return key, json.loads(meta_path.read_text())
+    build_text, check_text, entries = translate(preprocess(source))
+    (d / f"lib-{key}.cpp").write_text('#include "metal_sim.h"\n' + build_text)
     meta = {
         "entries": [
             {
                 "host": e.host,
+                "expr": e.expr,
+                "index": e.index,
                 "kernel": e.kernel.name,
+                "max_threads": e.kernel.max_threads,
                 "params": [{"name": p.name, "type": p.type, "buffer": p.buffer, "builtin": p.builtin} for p in e.kernel.params],
             }
             for e in entries
         ]
     }
-    mtmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
-    mtmp.write_text(json.dumps(meta))
+    tmp = meta_path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, meta_path)
+    return key, meta
+
+
+def build_kernel(key: str, meta_entry: dict) -> Path:
+    """Compile one kernel of a translated library into its own shared library (cached)."""
+    d = cache_dir()
+    so = d / f"lib-{key}-{meta_entry['index']}.so"
+    if so.exists():
+        return so
+    base = (d / f"lib-{key}.cpp").read_text()
+    e = _entry_from_meta(meta_entry)
+    cpp = d / f"lib-{key}-{e.index}.cpp"
+    cpp.write_text(base + "\n" + entry_code([e]))
+    tmp = so.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    _run(toolchain()["build"] + _build_flags() + ["-I", str(HERE), "-x", "c++", str(cpp), "-o", str(tmp)],
+         f"compiling kernel {e.host!r} (translated C++ kept at {cpp})")
     os.replace(tmp, so)
-    os.replace(mtmp, meta_path)
-    return so, meta
+    return so

@@ -232,12 +232,19 @@ def _parse_params(kname: str, text: str) -> list[Param]:
     return params
 
 
-def _find_kernels(s: str) -> tuple[dict[str, KernelDef], list[tuple[str, str, str]]]:
-    """Kernel definitions, and explicit instantiations as (host_name, function, template args)."""
+def _find_kernels(s: str):
+    """Kernel definitions, explicit instantiations as (host_name, function, template args), and edits.
+
+    Edits (start, end, replacement) make the per-kernel build text: definitions become
+    `static` (an unused kernel is then never compiled) and explicit instantiations go
+    (the entry point instantiates the one kernel it calls).
+    """
     defs: dict[str, KernelDef] = {}
     insts: list[tuple[str, str, str]] = []
+    edits: list[tuple[int, int, str]] = []
+    templated: set[str] = set()
     for m in re.finditer(r"(?<![\w])kernel\s+", s):
-        head = s[max(0, m.start() - 300) : m.start()]
+        head = s[max(0, m.start() - 400) : m.start()]
         i = m.end()
         rm = re.compile(r"(?:\[\[.*?\]\]\s*)*([A-Za-z_][\w:]*)\s+(?:\[\[.*?\]\]\s*)*([A-Za-z_]\w*)\s*").match(s, i)
         if not rm:
@@ -249,15 +256,17 @@ def _find_kernels(s: str) -> tuple[dict[str, KernelDef], list[tuple[str, str, st
             k = _match_angle(s, j)
             targs = s[j + 1 : k - 1].strip()
             j = _skip_ws(s, k)
-        hm = re.search(r"template\s*\[\[\s*host_name\s*\(\s*\"([^\"]+)\"\s*\)\s*\]\]\s*$", head)
+        hm = re.search(r"template\s*\[\[\s*host_name\s*\(\s*((?:\"[^\"]*\"\s*)+)\)\s*\]\]\s*$", head)
         if hm:
-            insts.append((hm.group(1), name, targs or ""))
+            host = "".join(re.findall(r'"([^"]*)"', hm.group(1)))
+            insts.append((host, name, targs or ""))
+            stop = s.index(";", j)
+            edits.append((m.start() - (len(head) - hm.start()), stop + 1, ""))
             continue
         if j >= len(s) or s[j] != "(":
             continue
         k = _match(s, j, "(", ")")
         after = _skip_ws(s, k)
-        # skip trailing attributes
         while s.startswith("[[", after):
             after = _skip_ws(s, s.index("]]", after) + 2)
         if after < len(s) and s[after] == "{":
@@ -266,11 +275,19 @@ def _find_kernels(s: str) -> tuple[dict[str, KernelDef], list[tuple[str, str, st
             if mt:
                 kd.max_threads = int(mt.group(1))
             defs[name] = kd
-    return defs, insts
+            if re.search(r">\s*(?:\[\[[^\]]*\]\]\s*)*$", head):
+                templated.add(name)
+            edits.append((m.start(), m.start() + len("kernel"), "static"))
+    return defs, insts, edits, templated
 
 
-def translate(pre: str) -> tuple[str, list[Entry]]:
-    """Rewrite preprocessed MSL into C++ (to follow the prelude) and list its entry points."""
+def translate(pre: str) -> tuple[str, str, list[Entry]]:
+    """Rewrite preprocessed MSL into C++ to follow the prelude.
+
+    Returns (build text, check text, entries): the build text has no explicit
+    instantiations (append `entry_code([e])` to build kernel e alone); the check text
+    keeps them, for the address-space pass to instantiate every kernel.
+    """
     strings: list[str] = []
 
     def keep(m: re.Match) -> str:
@@ -282,45 +299,50 @@ def translate(pre: str) -> tuple[str, list[Entry]]:
     s = _VEC_RE.sub(lambda m: f"__msl_make<{m.group(1)}>(", s)
     s = _rewrite_casts(s)
     tg_counter = iter(range(10**6))
-    s = _TG_DECL_RE.sub(
-        lambda m: (
-            f"__msl_tgref<threadgroup {m.group(1)} {m.group(3).strip()}> {m.group(2)} = "
-            f"*(__msl_tgptr<threadgroup {m.group(1)} {m.group(3).strip()}>)"
-            f"__msl_api->tg_alloc({next(tg_counter)}, sizeof({m.group(1)} {m.group(3).strip()}), "
-            f"alignof({m.group(1)} {m.group(3).strip()}));"
-        ),
-        s,
-    )
+
+    def tg(m: re.Match) -> str:
+        t = f"{m.group(1)} {m.group(3).strip()}"
+        return (
+            f"__msl_tgref<threadgroup {t}> {m.group(2)} = *(__msl_tgptr<threadgroup {t}>)"
+            f"__msl_api->tg_alloc({next(tg_counter)}, sizeof({t}), alignof({t}));"
+        )
+
+    s = _TG_DECL_RE.sub(tg, s)
     s = re.sub(r"__MSL_STR(\d+)__", lambda m: strings[int(m.group(1))], s)
 
-    defs, insts = _find_kernels(s)
+    defs, insts, edits, templated = _find_kernels(s)
     entries: list[Entry] = []
     for name, kd in defs.items():
-        if not any(fn == name for _, fn, _ in insts) and "template" not in _template_head(s, name):
+        if name not in templated:
             entries.append(Entry(host=name, expr=name, kernel=kd))
     for host, fn, targs in insts:
         kd = defs.get(fn)
         if kd is None:
             raise MetalTranslationError(f"host_name({host!r}) instantiates {fn!r}, whose definition was not found")
         entries.append(Entry(host=host, expr=f"{fn}<{targs}>" if targs else fn, kernel=kd))
+    seen: set[str] = set()
+    for i, e in enumerate(entries):
+        if e.host in seen:
+            raise MetalTranslationError(f"two kernels are named {e.host!r}")
+        seen.add(e.host)
+        e.index = i
 
-    s = _ATTR_RE.sub(lambda m: m.group(0) if m.group(1).strip() in _KEEP_ATTRS else " ", s)
-    return s + "\n" + _entry_code(entries), entries
+    build = s
+    for a, b, rep in sorted(edits, reverse=True):
+        build = build[:a] + rep + build[b:]
+    strip = lambda t: _ATTR_RE.sub(lambda m: m.group(0) if m.group(1).strip() in _KEEP_ATTRS else " ", t)  # noqa: E731
+    return strip(build), strip(s), entries
 
 
-def _template_head(s: str, name: str) -> str:
-    m = re.search(rf"(template\s*<[^{{;]*?>)?\s*kernel\s+\w+\s+{re.escape(name)}\s*\(", s)
-    return (m.group(1) or "") if m else ""
-
-
-def _entry_code(entries: list[Entry]) -> str:
+def entry_code(entries: list[Entry]) -> str:
+    """The exported table `__msl_entries` with a thunk per entry (binds buffers and built-ins)."""
     out = [
         "\n// ---- generated entry points ----",
         "struct __msl_entry { const char* name; void (*thunk)(void**); const __msl_arginfo* info; "
         "const int* buffer_index; int nbuf; int max_threads; };",
     ]
-    for i, e in enumerate(entries):
-        e.index = i
+    for e in entries:
+        i = e.index
         F = f"__msl_F{i}"
         out.append(f"typedef decltype(&{e.expr}) {F};")
         args = []
