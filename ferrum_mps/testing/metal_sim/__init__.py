@@ -92,12 +92,14 @@ def _runtime() -> ctypes.CDLL:
         return _rt
 
 
-def compile_shader(source: str, *, bounds_check: bool = True) -> "MetalLibrary":
+def compile_shader(source: str, *, bounds_check: bool = True, check_address_spaces: bool = True) -> "MetalLibrary":
     """Compile MSL `source` into a library whose kernels run on CPU tensors.
 
     bounds_check: every buffer is copied into its own mapping flanked by inaccessible
     pages, so an access past its end raises MetalSimError naming the kernel, thread and
     argument (instead of silently reading a neighbour or crashing).
+    check_address_spaces: type-check device/threadgroup/constant like the Metal compiler
+    (a separate clang pass, cached with the library).
     """
     if not isinstance(source, str):
         raise TypeError(f"compile_shader expects the Metal source as str, got {type(source).__name__}")
@@ -105,14 +107,14 @@ def compile_shader(source: str, *, bounds_check: bool = True) -> "MetalLibrary":
         source.encode("ascii")
     except UnicodeEncodeError as e:
         raise SyntaxError(f"Metal source must be pure ASCII (compile_shader rejects others): {e}") from None
-    return MetalLibrary(source, bounds_check=bounds_check)
+    return MetalLibrary(source, bounds_check=bounds_check, check_address_spaces=check_address_spaces)
 
 
 class MetalLibrary:
     """Kernels are compiled on first lookup, each into its own cached shared library."""
 
-    def __init__(self, source: str, *, bounds_check: bool = True):
-        self._key, meta = translate_source(source)
+    def __init__(self, source: str, *, bounds_check: bool = True, check_address_spaces: bool = True):
+        self._key, meta = translate_source(source, check=check_address_spaces)
         self._meta = {m["host"]: m for m in meta["entries"]}
         self._kernels: dict[str, tuple] = {}
         self.bounds_check = bounds_check

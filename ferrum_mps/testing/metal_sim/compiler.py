@@ -143,16 +143,57 @@ def _entry_from_meta(m: dict) -> Entry:
     return Entry(host=m["host"], expr=m["expr"], kernel=kd, index=m["index"])
 
 
-def translate_source(source: str) -> tuple[str, dict]:
-    """Preprocess and translate `source` (cached by hash): returns (key, metadata)."""
+# clang rejects copying a struct out of (or calling a method on) an address space;
+# Metal allows both: those diagnostics are not errors of the kernel.
+_FALSE_POSITIVE = re.compile(
+    r"implicit (copy|move) (constructor|assignment operator)|'this' argument to member function|"
+    r"candidate function \(the implicit (copy|move) assignment operator\)"
+)
+
+
+def check_address_spaces(check_text: str, key: str) -> None:
+    """Type-check the kernels with device/threadgroup/constant as clang address spaces.
+
+    Catches what the Metal compiler rejects and a plain C++ build cannot see: a device
+    pointer passed where a threadgroup pointer is expected, a write through constant.
+    """
+    path = cache_dir() / f"lib-{key}-check.cpp"
+    path.write_text('#include "metal_sim.h"\n' + check_text)
+    r = subprocess.run(
+        toolchain()["front"] + ["-fsyntax-only", "-ferror-limit=0", "-D__MSL_CHECK_AS", "-I", str(HERE), "-x", "c++"]
+        + _common_flags() + [str(path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    if r.returncode == 0:
+        return
+    # Group each error with its notes; keep errors located in the kernel source.
+    diags: list[list[str]] = []
+    for line in r.stderr.splitlines():
+        if re.search(r":\d+:\d+: (error|fatal error):", line):
+            diags.append([line])
+        elif diags:
+            diags[-1].append(line)
+    real = [d for d in diags if d[0].startswith(str(path)) and not any(_FALSE_POSITIVE.search(x) for x in d)]
+    if real:
+        msg = "\n".join("\n".join(d[:6]) for d in real[:20])
+        raise SyntaxError(f"metal_sim: the Metal source does not type-check (translated C++ at {path}):\n{msg}")
+
+
+def translate_source(source: str, check: bool = True) -> tuple[str, dict]:
+    """Preprocess, translate and type-check `source` (cached by hash): returns (key, metadata)."""
     key = hashlib.sha256(source.encode() + _harness_hash().encode()).hexdigest()[:24]
     d = cache_dir()
     meta_path = d / f"lib-{key}.json"
     if meta_path.exists():
-        return key, json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text())
+        if meta.get("checked") or not check:
+            return key, meta
     build_text, check_text, entries = translate(preprocess(source))
+    if check:
+        check_address_spaces(check_text, key)
     (d / f"lib-{key}.cpp").write_text('#include "metal_sim.h"\n' + build_text)
     meta = {
+        "checked": check,
         "entries": [
             {
                 "host": e.host,

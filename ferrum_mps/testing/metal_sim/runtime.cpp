@@ -241,7 +241,8 @@ static void init_thread(MslThread* t, uint32_t i) {
     t->sgitg = i / 32;
     t->nbarrier = 0;
     t->nsite = 0;
-    void** sp = (void**)((uintptr_t)t->stack_hi & ~(uintptr_t)15);
+    // Staggered tops: equal offsets modulo 4 KB would fight over the same cache sets.
+    void** sp = (void**)(((uintptr_t)t->stack_hi - (i % 61) * 80) & ~(uintptr_t)15);
 #if defined(__x86_64__)
     *--sp = 0;                             // fake return address: keeps the ABI stack alignment
     *--sp = (void*)&__msl_fiber_main;      // msl_switch returns here
@@ -445,6 +446,8 @@ extern "C" int msl_dispatch(void (*thunk)(void**), void** bufs, const uint32_t* 
     return rc;
 }
 
+static char* pool_take(uint64_t len);
+
 // Device buffers live in their own mapping, ending right at a PROT_NONE page, so an
 // access past the end faults (and is reported) instead of reading a neighbour.
 // `mod16`: the returned address is congruent to it modulo 16 (keeps the original alignment).
@@ -454,11 +457,14 @@ extern "C" char* msl_guarded_alloc(uint64_t size, uint64_t mod16, char** map_out
     uint64_t data_pages = (padded + page - 1) / page * page;
     if (data_pages == 0) data_pages = page;
     uint64_t len = data_pages + 2 * page;
-    void* m = mmap(0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (m == MAP_FAILED) return 0;
-    char* base = (char*)m;
-    mprotect(base, page, PROT_NONE);
-    mprotect(base + page + data_pages, page, PROT_NONE);
+    char* base = pool_take(len);
+    if (!base) {
+        void* m = mmap(0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) return 0;
+        base = (char*)m;
+        mprotect(base, page, PROT_NONE);
+        mprotect(base + page + data_pages, page, PROT_NONE);
+    }
     *map_out = base;
     *maplen_out = len;
     char* end = base + page + data_pages;
@@ -467,4 +473,27 @@ extern "C" char* msl_guarded_alloc(uint64_t size, uint64_t mod16, char** map_out
     return start;
 }
 
-extern "C" void msl_guarded_free(char* map, uint64_t maplen) { munmap(map, maplen); }
+// Freed mappings are kept for reuse: fresh pages cost a fault each, per launch.
+#define POOL 32
+static char* g_pool_map[POOL];
+static uint64_t g_pool_len[POOL];
+
+extern "C" void msl_guarded_free(char* map, uint64_t maplen) {
+    for (int k = 0; k < POOL; k++)
+        if (!g_pool_map[k]) {
+            g_pool_map[k] = map;
+            g_pool_len[k] = maplen;
+            return;
+        }
+    munmap(map, maplen);
+}
+
+static char* pool_take(uint64_t len) {
+    for (int k = 0; k < POOL; k++)
+        if (g_pool_map[k] && g_pool_len[k] == len) {
+            char* m = g_pool_map[k];
+            g_pool_map[k] = 0;
+            return m;
+        }
+    return 0;
+}
