@@ -11,6 +11,7 @@ Block layouts are gguf's: `GGML_QUANT_SIZES[qtype] == (block_size, type_size)`.
 
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
@@ -34,7 +35,7 @@ def check_qtype(q) -> GGMLQuantizationType:
             raise ValueError(f"unknown GGML quantization type {q!r}") from None
     else:
         try:
-            qt = Q(int(q))
+            qt = Q(operator.index(q))  # ints (Python, numpy, 0-d torch), not floats
         except (TypeError, ValueError):
             raise ValueError(f"unknown GGML quantization type {q!r}") from None
     if qt not in _DEQUANT:
@@ -317,43 +318,54 @@ def _q_q5_0(x):
 def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     """make_qkx2_quants for every row of x [N, n] at once: (L uint8 [N, n], scale [N], -min [N]).
 
-    Candidate 0 is the plain min/max grid; candidates 1..nstep+1 stretch the grid by
-    rmin + rdelta*is levels and refit scale and min by weighted least squares. The
-    weighted error of each candidate comes from the sums in closed form, and the
-    first candidate with the smallest error wins, as in the sequential C loop.
+    Start from the min/max grid, then try nstep+1 stretched grids (rmin + rdelta*is
+    extra levels), refitting scale and min of each by weighted least squares and
+    keeping it when its weighted squared error is lower. As in llama.cpp the grid
+    of each try is laid from the best min found so far, so the tries run in
+    sequence, each one over all rows at once.
     """
     mn = x.amin(1).clamp(max=0)
-    rng = x.amax(1) - mn
-    flat = rng == 0
-    rng = torch.where(flat, torch.ones_like(rng), rng)
-    steps = rmin + rdelta * torch.arange(nstep + 1, device=x.device, dtype=torch.float32)
-    iscale = torch.cat((torch.full_like(steps[:1], nmax), steps + nmax))[None, :] / rng[:, None]  # [N, C]
-    xm = x - mn[:, None]
-    l = torch.round(iscale[:, :, None] * xm[:, None, :]).clamp_(0, nmax)  # [N, C, n]
-    wl = w[:, None, :] * l
-    sum_l, sum_l2, sum_xl = wl.sum(-1), (wl * l).sum(-1), (wl * x[:, None, :]).sum(-1)
-    sum_w, sum_x, sum_x2 = w.sum(1, keepdim=True), (w * x).sum(1, keepdim=True), (w * x * x).sum(1, keepdim=True)
-    D = sum_w * sum_l2 - sum_l * sum_l
-    Ds = torch.where(D > 0, D, torch.ones_like(D))
-    scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
-    m = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
-    clip = m > 0
-    m = torch.where(clip, torch.zeros_like(m), m)
-    scale = torch.where(clip, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), scale)
-    scale[:, 0] = 1 / iscale[:, 0]
-    m[:, 0] = mn
-    s, m64 = scale.double(), m.double()
-    err = (s * s * sum_l2.double() + 2 * s * m64 * sum_l.double() - 2 * s * sum_xl.double()
-           + m64 * m64 * sum_w.double() - 2 * m64 * sum_x.double() + sum_x2.double())
-    valid = D > 0
-    valid[:, 0] = True
-    best = torch.where(valid, err, torch.full_like(err, float("inf"))).argmin(1, keepdim=True)
-    L = l.gather(1, best[:, :, None].expand(-1, 1, l.shape[-1])).squeeze(1)
-    scale, m = scale.gather(1, best).squeeze(1), m.gather(1, best).squeeze(1)
-    L = torch.where(flat[:, None], torch.zeros_like(L), L)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    m = torch.where(flat, mn, m)
-    return L.to(torch.uint8), scale, -m
+    mx = x.amax(1)
+    flat = mx == mn
+    sum_w, wx = w.sum(1), w * x
+    sum_x, sum_x2 = wx.sum(1), (wx * x).sum(1)
+
+    def grid(iscale, m):
+        return torch.mul(x - m[:, None], iscale[:, None]).round_().clamp_(0, nmax)
+
+    def error(scale, m, sum_l, sum_l2, sum_xl):
+        # sum w (scale*l + m - x)^2 expanded; float64 so the shared sum_x2 term does not swamp the differences
+        s, m = scale.double(), m.double()
+        return (s * s * sum_l2.double() + 2 * s * m * sum_l.double() - 2 * s * sum_xl.double()
+                + m * m * sum_w.double() - 2 * m * sum_x.double() + sum_x2.double())
+
+    rng = torch.where(flat, torch.ones_like(mx), mx - mn)
+    iscale = nmax / rng
+    scale = 1 / iscale
+    L = grid(iscale, mn)
+    wl = w * L
+    best = error(scale, mn, wl.sum(1), (wl * L).sum(1), (wl * x).sum(1))
+    for i in range(nstep + 1):
+        iscale = (rmin + rdelta * i + nmax) / (mx - mn)
+        laux = grid(iscale, mn)
+        wl = w * laux
+        sum_l, sum_l2, sum_xl = wl.sum(1), (wl * laux).sum(1), (wl * x).sum(1)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        Ds = torch.where(D > 0, D, 1.0)
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+        clip = this_min > 0
+        this_min = torch.where(clip, 0.0, this_min)
+        this_scale = torch.where(clip, sum_xl / torch.where(sum_l2 > 0, sum_l2, 1.0), this_scale)
+        err = error(this_scale, this_min, sum_l, sum_l2, sum_xl)
+        better = (D > 0) & (err < best)
+        L = torch.where(better[:, None], laux, L)
+        best = torch.where(better, err, best)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+    L = torch.where(flat[:, None], 0.0, L)
+    scale = torch.where(flat, 0.0, scale)
+    return L.to(torch.uint8), scale, -mn
 
 
 def _pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
@@ -405,7 +417,7 @@ def _make_qx(x, nmax: int):
     mx = torch.where(zero, torch.ones_like(mx), mx)
     steps = torch.tensor(_QX_STEPS, dtype=torch.float32, device=x.device)
     iscale = -(nmax + 0.1 * steps)[None, :] / mx[:, None]  # [N, C]
-    l = torch.round(iscale[:, :, None] * x[:, None, :]).clamp_(-nmax, nmax - 1)
+    l = torch.mul(iscale[:, :, None], x[:, None, :]).round_().clamp_(-nmax, nmax - 1)
     wl = (x * x)[:, None, :] * l
     sumlx, suml2 = (wl * x[:, None, :]).sum(-1), (wl * l).sum(-1)
     pos = suml2 > 0
