@@ -327,38 +327,37 @@ def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     mn = x.amin(1).clamp(max=0)
     mx = x.amax(1)
     flat = mx == mn
-    sum_w, wx = w.sum(1), w * x
-    sum_x, sum_x2 = wx.sum(1), (wx * x).sum(1)
+    sum_w, sum_x = w.sum(1), (w * x).sum(1)
 
     def grid(iscale, m):
-        return torch.mul(x - m[:, None], iscale[:, None]).round_().clamp_(0, nmax)
+        return torch.addcmul(-m * iscale, x, iscale).round_().clamp_(0, nmax)
 
-    def error(scale, m, sum_l, sum_l2, sum_xl):
-        # sum w (scale*l + m - x)^2 expanded; float64 so the shared sum_x2 term does not swamp the differences
-        s, m = scale.double(), m.double()
-        return (s * s * sum_l2.double() + 2 * s * m * sum_l.double() - 2 * s * sum_xl.double()
-                + m * m * sum_w.double() - 2 * m * sum_x.double() + sum_x2.double())
+    def sums(l):
+        wl = w * l
+        return wl.sum(1), (wl * l).sum(1), (wl * x).sum(1)
 
-    rng = torch.where(flat, torch.ones_like(mx), mx - mn)
-    iscale = nmax / rng
+    def error(s, m, sum_l, sum_l2, sum_xl):
+        # sum w (s*l + m - x)^2 expanded, without the sum w*x^2 that every candidate shares
+        return s * (s * sum_l2 + 2 * (m * sum_l - sum_xl)) + m * (m * sum_w - 2 * sum_x)
+
+    iscale = nmax / torch.where(flat, 1.0, mx - mn)
     scale = 1 / iscale
-    L = grid(iscale, mn)
-    wl = w * L
-    best = error(scale, mn, wl.sum(1), (wl * L).sum(1), (wl * x).sum(1))
+    L = grid(iscale[:, None], mn[:, None])
+    best = error(scale, mn, *sums(L))
     for i in range(nstep + 1):
         iscale = (rmin + rdelta * i + nmax) / (mx - mn)
-        laux = grid(iscale, mn)
-        wl = w * laux
-        sum_l, sum_l2, sum_xl = wl.sum(1), (wl * laux).sum(1), (wl * x).sum(1)
+        laux = grid(iscale[:, None], mn[:, None])
+        sum_l, sum_l2, sum_xl = sums(laux)
         D = sum_w * sum_l2 - sum_l * sum_l
-        Ds = torch.where(D > 0, D, 1.0)
+        ok = D > 0
+        Ds = torch.where(ok, D, 1.0)
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
         clip = this_min > 0
         this_min = torch.where(clip, 0.0, this_min)
         this_scale = torch.where(clip, sum_xl / torch.where(sum_l2 > 0, sum_l2, 1.0), this_scale)
         err = error(this_scale, this_min, sum_l, sum_l2, sum_xl)
-        better = (D > 0) & (err < best)
+        better = ok & (err < best)
         L = torch.where(better[:, None], laux, L)
         best = torch.where(better, err, best)
         scale = torch.where(better, this_scale, scale)

@@ -364,8 +364,10 @@ def rmse(qtype, raw: np.ndarray, w: np.ndarray) -> float:
 def real_weights(gemma_gguf_path):
     from ferrum_mps.gguf_file import read_gguf
 
-    # Q6_K in the file: requantizing to Q4_K/Q5_K is real work, to Q6_K a near-identity.
-    return read_gguf(gemma_gguf_path).tensors["blk.0.ffn_down.weight"].dequantize()[:12].numpy()
+    # The Q8_0 embedding, so requantizing to k-quants is real work; re-cut into rows of 2048.
+    emb = read_gguf(gemma_gguf_path).tensors["token_embd.weight"]
+    rows = dequantize_raw(emb.raw[1000:1048], emb.qtype, emb.shape[1])
+    return rows.reshape(-1, 2048)[:12].numpy()
 
 
 @pytest.mark.parametrize("data", ["normal", "gemma"])
