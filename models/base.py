@@ -178,16 +178,15 @@ class Attention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (make_linear(w[r]) for r in ("q", "k", "v", "o"))
+        bias = lambda r: float_param(w[r + "_bias"], dtype) if c.attention_bias else None  # noqa: E731
+        self.q_proj, self.k_proj, self.v_proj = (make_linear(w[r], bias(r)) for r in ("q", "k", "v"))
+        self.o_proj = make_linear(w["o"])
         self.q_norm = RMSNorm(float_param(w["q_norm"], dtype), c.rms_norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(float_param(w["k_norm"], dtype), c.rms_norm_eps) if c.qk_norm else None
-        self.biases = nn.ParameterList([float_param(w[r], dtype) for r in ("q_bias", "k_bias", "v_bias")]) if c.attention_bias else None
 
     def forward(self, x, rope, cs, mask, cache, idx, cache_position):
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.biases is not None:
-            q, k, v = q + self.biases[0], k + self.biases[1], v + self.biases[2]
         q, k, v = q.view(B, T, self.nh, self.hd), k.view(B, T, self.nkv, self.hd), v.view(B, T, self.nkv, self.hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -277,7 +276,7 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         layers = []
         for i in range(c.num_hidden_layers):
             w = {r: tensors[n] for r, (n, _) in layer_tensors(c, i).items()}
-            ffn = self.make_moe(c, i, tensors) if is_moe_layer(c, i) else MLP(w, c.hidden_act, make_linear)
+            ffn = self.make_moe(c, i, tensors, dtype) if is_moe_layer(c, i) else MLP(w, c.hidden_act, make_linear)
             layers.append(Block(c, i, w, ffn, dtype, make_linear))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(float_param(tensors["output_norm.weight"], dtype), c.rms_norm_eps)
@@ -294,7 +293,7 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         pass
 
-    def make_moe(self, c: GGUFConfig, i: int, tensors: dict) -> nn.Module:
+    def make_moe(self, c: GGUFConfig, i: int, tensors: dict, dtype) -> nn.Module:
         raise ValueError(f"{c.architecture} has no Mixture-of-Experts layers")
 
     def get_input_embeddings(self):
@@ -310,8 +309,6 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         q = q_pos[:, None]
         allowed = (k_idx[None] <= q)[None].expand(B, -1, -1)
         if attention_mask is not None:
-            if attention_mask.shape != (B, S) and not (attention_mask.shape[0] == B and attention_mask.shape[1] >= S):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {S})")
             allowed = allowed & attention_mask[:, None, :S].bool()
         # A fully masked row (a left-padding query) would give NaN; let every query see itself.
         allowed = allowed | (k_idx[None] == q)[None]
@@ -358,6 +355,8 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
                 )
             S = past + T
             cache_position = torch.arange(past, S, device=h.device)
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {S})")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).index_select(1, cache_position)

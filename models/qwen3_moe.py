@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from .base import GGUFConfig, GGUFForCausalLM, common_config, meta
 
 
@@ -28,7 +30,10 @@ class Qwen3MoeForCausalLM(GGUFForCausalLM):
             mlp_only_layers=dense,
         )
 
-    def make_moe(self, c: GGUFConfig, i: int, tensors: dict):
+    def make_moe(self, c: GGUFConfig, i: int, tensors: dict, dtype):
         from ferrum_mps.nn.moe import FusedMoE
 
-        return FusedMoE.from_gguf(tensors, f"blk.{i}", top_k=c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob)
+        moe = FusedMoE.from_gguf(tensors, f"blk.{i}", top_k=c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob)
+        if isinstance(moe.gate, nn.Linear):  # the float router computes in the activation dtype, as in transformers
+            moe.gate.to(dtype)
+        return moe
