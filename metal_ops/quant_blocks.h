@@ -7,7 +7,7 @@
 //                                   values [16*il, 16*il+16) of one block, in natural order, as float.
 //                                   Used by the dequantize/get_rows kernels, the small-batch mat-vec and
 //                                   the mat-mat tile loader; exact (same float ops as gguf-py).
-//   mv_<type> (quant_blocks.h)      lane-level mat-vec traits for the m = 1 kernels (see qmatmul.h):
+//   mv_<type>                       lane-level mat-vec traits for the m = 1 kernels (see qmatmul.h):
 //                                   LPB lanes per block, each lane keeps NV activations in registers,
 //                                   load() once per block, partial() once per weight row.
 //
@@ -352,6 +352,18 @@ struct mv_q4_0 {
     }
 };
 
+// Sum of the activations whose fifth bit (qh bit p, p = position in the 32-block) is set.
+inline float q5_high_sum(const device uchar *qh8, short p, thread const float *v) {
+    const device ushort *h16 = (const device ushort *)qh8;
+    const uint qh = uint(h16[0]) | (uint(h16[1]) << 16);
+    float h = 0.f;
+    for (short i = 0; i < 8; ++i) {
+        h += (qh & (1u << (8 * p + i))) ? v[i] : 0.f;
+        h += (qh & (1u << (16 + 8 * p + i))) ? v[8 + i] : 0.f;
+    }
+    return h;
+}
+
 struct mv_q5_0 {
     typedef blk_q5_0 block;
     enum { QK = 32, LPB = 2, NV = 16 };
@@ -361,13 +373,33 @@ struct mv_q5_0 {
     static void load(const device T *yb, short p, thread acts &a) { mv_q4_0::load(yb, p, a); }
 
     static float partial(const device block *b, short p, thread const acts &a) {
-        const device ushort *h16 = (const device ushort *)b->qh;
-        const uint qh = uint(h16[0]) | (uint(h16[1]) << 16);
-        float h = 0.f;
-        for (short i = 0; i < 8; ++i) {
-            h += (qh & (1u << (8 * p + i))) ? a.v[i] : 0.f;
-            h += (qh & (1u << (16 + 8 * p + i))) ? a.v[8 + i] : 0.f;
-        }
-        return float(b->d) * (mv_q4_0::nibbles(b->qs, p, a) + 16.f * h - 16.f * a.sy);
+        return float(b->d) * (mv_q4_0::nibbles(b->qs, p, a) + 16.f * q5_high_sum(b->qh, p, a.v) - 16.f * a.sy);
+    }
+};
+
+// Q4_1 / Q5_1: w = d*q + m, so the offset term is m * (sum of the activations).
+struct mv_q4_1 {
+    typedef blk_q4_1 block;
+    enum { QK = 32, LPB = 2, NV = 16 };
+    typedef mv_q4_0::acts acts;
+
+    template <typename T>
+    static void load(const device T *yb, short p, thread acts &a) { mv_q4_0::load(yb, p, a); }
+
+    static float partial(const device block *b, short p, thread const acts &a) {
+        return float(b->d) * mv_q4_0::nibbles(b->qs, p, a) + float(b->m) * a.sy;
+    }
+};
+
+struct mv_q5_1 {
+    typedef blk_q5_1 block;
+    enum { QK = 32, LPB = 2, NV = 16 };
+    typedef mv_q4_0::acts acts;
+
+    template <typename T>
+    static void load(const device T *yb, short p, thread acts &a) { mv_q4_0::load(yb, p, a); }
+
+    static float partial(const device block *b, short p, thread const acts &a) {
+        return float(b->d) * (mv_q4_0::nibbles(b->qs, p, a) + 16.f * q5_high_sum(b->qh, p, a.v)) + float(b->m) * a.sy;
     }
 };
