@@ -16,8 +16,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module", params=S.ARCHITECTURES)
-def model(request, tmp_path_factory):
-    return S.synthetic_gguf(request.param, tmp_path_factory.mktemp(request.param))
+def model(request):
+    return S.synthetic_gguf(request.param)  # written once into the user cache
 
 
 def _reader(path):
@@ -115,9 +115,21 @@ def test_f32_file_is_the_float_model_exactly(tmp_path):
     cfg = S.tiny_config("qwen3moe", num_hidden_layers=1, num_experts=4)
     m = S.write_gguf(tmp_path / "f.gguf", cfg, seed=1, qtypes="f32")
     theirs = m.hf_model().state_dict()
-    w = S.float_weight("blk.0.ffn_up_exps.weight", (4, 512, 256), 1, expert=2)
-    assert torch.equal(theirs["model.layers.0.mlp.experts.gate_up_proj"][2, 512:], w)
+    w = S.float_weight("blk.0.ffn_up_exps.weight", (4, 256, 256), 1, expert=2)
+    assert torch.equal(theirs["model.layers.0.mlp.experts.gate_up_proj"][2, 256:], w)
     assert torch.equal(theirs["model.embed_tokens.weight"], S.float_weight("token_embd.weight", (1027, 256), 1))
+
+
+def test_repeated_rows_and_experts_keep_shapes(tmp_path):
+    cfg = S.tiny_config("qwen3moe", num_hidden_layers=1, num_experts=4)
+    m = S.write_gguf(tmp_path / "r.gguf", cfg, qtypes="q8_0", unique_rows=64, unique_experts=2)
+    sd = S.dequantized_hf_state_dict(m.path, cfg)
+    q = sd["model.layers.0.self_attn.q_proj.weight"]
+    assert q.shape == (256, 256) and torch.equal(q[64:128], q[:64]) and not torch.equal(q[:32], q[32:64])
+    gu = sd["model.layers.0.mlp.experts.gate_up_proj"]
+    assert torch.equal(gu[2], gu[0]) and torch.equal(gu[3], gu[1]) and not torch.equal(gu[0], gu[1])
+    ref = S.float_weight("blk.0.attn_q.weight", (64, 256), 0)
+    assert ((q[:64] - ref).norm() / ref.norm()).item() < 0.01
 
 
 def test_bad_arguments():

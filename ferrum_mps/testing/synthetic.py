@@ -36,7 +36,7 @@ from gguf import GGMLQuantizationType as Q
 log = logging.getLogger(__name__)
 
 # Bumped whenever the bytes this module writes for the same arguments change (cache key).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 ARCHITECTURES = ("qwen3moe", "qwen3", "qwen2", "llama")
 
@@ -180,7 +180,7 @@ def _rope(theta: float) -> dict:
 def tiny_config(arch: str = "qwen3moe", **overrides):
     """A small transformers config of `arch` whose rows are multiples of 256 (so K-quants apply).
 
-    Expert width 512 (not transformers' GGUF default 768), vocabulary 1,027 (1,024 Qwen ranks +
+    Expert width 256 (not transformers' GGUF default 768), vocabulary 1,027 (1,024 Qwen ranks +
     3 chat tokens), 2 layers, GQA 4/2 heads of 64, untied embeddings.
     """
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
@@ -190,7 +190,7 @@ def tiny_config(arch: str = "qwen3moe", **overrides):
                   tie_word_embeddings=False, rope_parameters=_rope(1_000_000.0),
                   bos_token_id=1024, eos_token_id=1026, pad_token_id=1024)
     if arch == "qwen3moe":
-        kw = dict(common, intermediate_size=768, moe_intermediate_size=512, num_experts=8,
+        kw = dict(common, intermediate_size=768, moe_intermediate_size=256, num_experts=8,
                   num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
         cls = Qwen3MoeConfig
     elif arch == "qwen3":
@@ -359,6 +359,20 @@ def _ferrum_quantize():
     return quantize
 
 
+def _quantizer_id() -> str:
+    """Which quantizer writes K-quants now (part of the cache key: its bytes are in the file)."""
+    ours = _ferrum_quantize()
+    if ours is None:
+        return "gguf-py"
+    try:
+        ours(torch.zeros(1, 256), Q.Q4_K)
+    except NotImplementedError:
+        return "gguf-py"
+    import inspect
+
+    return hashlib.sha256(inspect.getsource(inspect.getmodule(ours)).encode()).hexdigest()[:16]
+
+
 def quantize(w: torch.Tensor, qtype: Q) -> tuple[np.ndarray, Q]:
     """(bytes or floats as numpy, qtype actually written) for a float32 tensor.
 
@@ -454,13 +468,21 @@ def _write_metadata(w: gguf.GGUFWriter, arch: str, config, vocab: Vocab, name: s
 
 
 def write_gguf(path, config, *, seed: int = 0, qtypes: QTypePolicy = "mixed", vocab: Vocab | None = None,
-               progress: bool = False) -> SyntheticModel:
-    """Write `config`'s random model (fixed `seed`) to `path` as llama.cpp would; return its description."""
+               progress: bool = False, unique_rows: int | None = None, unique_experts: int | None = None
+               ) -> SyntheticModel:
+    """Write `config`'s random model (fixed `seed`) to `path` as llama.cpp would; return its description.
+
+    `unique_rows` / `unique_experts` (benchmarks only: K-quant search is slow on big models) make
+    every 2-D weight repeat its first `unique_rows` rows and every expert stack its first
+    `unique_experts` experts; sizes and compute stay those of the full model.
+    """
     arch = architecture_of(config)
     if vocab is None:
-        vocab = qwen_vocab(None if config.vocab_size >= 151643 + 26 else config.vocab_size - 3)
+        vocab = _vocab_for(config)
     if len(vocab.tokens) != config.vocab_size:
         raise ValueError(f"vocabulary has {len(vocab.tokens)} tokens but config.vocab_size is {config.vocab_size}")
+    if (unique_rows or unique_experts) and arch == "llama":
+        raise ValueError("unique_rows/unique_experts would break llama's permuted Q/K rows")
     policy = _policy(qtypes)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -475,12 +497,15 @@ def write_gguf(path, config, *, seed: int = 0, qtypes: QTypePolicy = "mixed", vo
     for name, shape in items:
         want = policy(name, shape)
         if len(shape) == 3:  # one expert at a time: the float stack of a big model does not fit
+            n = min(shape[0], unique_experts or shape[0])
             parts = []
-            for e in range(shape[0]):
-                wt = _to_file_order(arch, config, name, float_weight(name, shape, seed, e))
-                arr, got = quantize(wt, want)
+            for e in range(n):
+                arr, got = quantize(_to_file_order(arch, config, name, float_weight(name, shape, seed, e)), want)
                 parts.append(arr)
-            arrays[name] = np.stack(parts)
+            arrays[name] = np.stack([parts[e % n] for e in range(shape[0])])
+        elif len(shape) == 2 and unique_rows and shape[0] > unique_rows:
+            arr, got = quantize(float_weight(name, (unique_rows, shape[1]), seed), want)
+            arrays[name] = np.ascontiguousarray(np.resize(arr, (shape[0],) + arr.shape[1:]))  # rows repeat
         else:
             arr, got = quantize(_to_file_order(arch, config, name, float_weight(name, shape, seed)), want)
             arrays[name] = arr
@@ -498,16 +523,17 @@ def write_gguf(path, config, *, seed: int = 0, qtypes: QTypePolicy = "mixed", vo
     return SyntheticModel(path, config, written, seed, vocab)
 
 
-def _cache_key(config, seed: int, qtypes: QTypePolicy) -> str:
+def _cache_key(config, seed: int, qtypes: QTypePolicy, **options) -> str:
     if callable(qtypes):
         raise ValueError("a callable qtype policy cannot be cached; pass an explicit path")
     blob = json.dumps({"config": config.to_dict(), "seed": seed, "qtypes": str(qtypes), "v": FORMAT_VERSION,
-                       "ferrum_quantizer": _ferrum_quantize() is not None}, sort_keys=True, default=str)
+                       "quantizer": _quantizer_id(), **options}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def synthetic_gguf(arch_or_config="qwen3moe", directory=None, *, seed: int = 0, qtypes: QTypePolicy = "mixed",
-                   progress: bool = False, **overrides) -> SyntheticModel:
+                   progress: bool = False, unique_rows: int | None = None, unique_experts: int | None = None,
+                   **overrides) -> SyntheticModel:
     """The GGUF of a random model, written once into `directory` (default: the user cache,
     ~/.cache/ferrum_mps/synthetic) under a name derived from everything that determines its bytes.
 
@@ -525,11 +551,13 @@ def synthetic_gguf(arch_or_config="qwen3moe", directory=None, *, seed: int = 0, 
 
         directory = cache_dir() / "synthetic"
     arch = architecture_of(config)
-    path = Path(directory) / f"{arch}-{_cache_key(config, seed, qtypes)}.gguf"
+    key = _cache_key(config, seed, qtypes, unique_rows=unique_rows, unique_experts=unique_experts)
+    path = Path(directory) / f"{arch}-{key}.gguf"
     if path.is_file():
         return SyntheticModel(path, config, read_qtypes(path), seed, _vocab_for(config))
     log.info("writing synthetic %s model to %s", arch, path)
-    return write_gguf(path, config, seed=seed, qtypes=qtypes, progress=progress)
+    return write_gguf(path, config, seed=seed, qtypes=qtypes, progress=progress, unique_rows=unique_rows,
+                      unique_experts=unique_experts)
 
 
 def _vocab_for(config) -> Vocab:
