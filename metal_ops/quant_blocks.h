@@ -403,3 +403,68 @@ struct mv_q5_1 {
         return float(b->d) * (mv_q4_0::nibbles(b->qs, p, a) + 16.f * q5_high_sum(b->qh, p, a.v)) + float(b->m) * a.sy;
     }
 };
+
+// Q2_K / Q3_K: same lane layout as Q6_K (part p = 4*n + lq, positions 128n + 32k + 8lq + i,
+// scale index 8n + 2k + lq/2). The 2-bit field k is isolated by the mask 3 << 2k and its place
+// value 4^k removed once per sum.
+struct mv_q2_K {
+    typedef blk_q2_K block;
+    enum { QK = QK_K, LPB = 8, NV = 32 };
+    typedef mv_q6_K::acts acts;
+
+    template <typename T>
+    static void load(const device T *yb, short p, thread acts &a) { mv_q6_K::load(yb, p, a); }
+
+    static float partial(const device block *b, short p, thread const acts &a) {
+        const short n = p / 4, lq = p % 4;
+        const device uchar *q = b->qs + 32 * n + 8 * lq;
+        float4 s = float4(0.f);
+        for (short i = 0; i < 8; ++i) {
+            const uchar x = q[i];
+            s[0] += a.v[i] * float(x & 0x03);
+            s[1] += a.v[8 + i] * float(x & 0x0C);
+            s[2] += a.v[16 + i] * float(x & 0x30);
+            s[3] += a.v[24 + i] * float(x & 0xC0);
+        }
+        s *= float4(1.f, 0.25f, 1.f / 16.f, 1.f / 64.f);
+        const device uchar *sc8 = b->scales + 8 * n + lq / 2;
+        const float4 sc = float4(float(sc8[0] & 0x0F), float(sc8[2] & 0x0F), float(sc8[4] & 0x0F), float(sc8[6] & 0x0F));
+        const float4 mn = float4(float(sc8[0] >> 4), float(sc8[2] >> 4), float(sc8[4] >> 4), float(sc8[6] >> 4));
+        return float(b->d) * dot(sc, s) - float(b->dmin) * dot(mn, float4(a.sy[0], a.sy[1], a.sy[2], a.sy[3]));
+    }
+};
+
+struct mv_q3_K {
+    typedef blk_q3_K block;
+    enum { QK = QK_K, LPB = 8, NV = 32 };
+    typedef mv_q6_K::acts acts;
+
+    template <typename T>
+    static void load(const device T *yb, short p, thread acts &a) { mv_q6_K::load(yb, p, a); }
+
+    static float partial(const device block *b, short p, thread const acts &a) {
+        const short n = p / 4, lq = p % 4;
+        const device uchar *q = b->qs + 32 * n + 8 * lq;
+        const device uchar *hm = b->hmask + 8 * lq;
+        const uchar h0 = uchar(1 << (4 * n)), h1 = uchar(2 << (4 * n)), h2 = uchar(4 << (4 * n)), h3 = uchar(8 << (4 * n));
+        float4 s = float4(0.f), h = float4(0.f);
+        for (short i = 0; i < 8; ++i) {
+            const uchar x = q[i], m = hm[i];
+            s[0] += a.v[i] * float(x & 0x03);
+            s[1] += a.v[8 + i] * float(x & 0x0C);
+            s[2] += a.v[16 + i] * float(x & 0x30);
+            s[3] += a.v[24 + i] * float(x & 0xC0);
+            h[0] += (m & h0) ? a.v[i] : 0.f;
+            h[1] += (m & h1) ? a.v[8 + i] : 0.f;
+            h[2] += (m & h2) ? a.v[16 + i] : 0.f;
+            h[3] += (m & h3) ? a.v[24 + i] : 0.f;
+        }
+        // q = low2 - 4 unless the hmask bit is set: sum = s - 4 * (sy - h)
+        const float4 sy = float4(a.sy[0], a.sy[1], a.sy[2], a.sy[3]);
+        s = s * float4(1.f, 0.25f, 1.f / 16.f, 1.f / 64.f) - 4.f * (sy - h);
+        const short is = 8 * n + lq / 2;
+        const float4 sc = float4(float(q3_K_scale(b->scales, is)), float(q3_K_scale(b->scales, is + 2)),
+                                 float(q3_K_scale(b->scales, is + 4)), float(q3_K_scale(b->scales, is + 6)));
+        return float(b->d) * dot(sc, s);
+    }
+};
