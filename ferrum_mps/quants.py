@@ -87,19 +87,23 @@ def _crumbs(b: torch.Tensor) -> torch.Tensor:
 
 
 def _signed(q: torch.Tensor, offset: int) -> torch.Tensor:
-    return (q.to(torch.int8) - offset).to(torch.float32)
+    return q.to(torch.int8) - offset
+
+
+# Each format is `scale * q - offset` per element: fn(blocks) -> (scale, q, offset) with
+# q the integer codes (or levels) shaped [n, groups, per_group], scale and offset
+# [n, groups, 1] float32 (offset None when there is none; `+ m` is `- (-m)`, exact in IEEE).
+# dequantize_raw turns q into float32 in the output buffer and applies scale and offset
+# in place: gguf-py's two roundings (product, then sum) and no temporaries.
 
 
 def _deq_q4_0(b):
-    d = _f16(b[:, 0:2])
-    q = _signed(_nibbles(b[:, 2:]).flatten(1), 8)
-    return d * q
+    return _f16(b[:, 0:2])[:, :, None], _signed(_nibbles(b[:, 2:]).flatten(1), 8)[:, None], None
 
 
 def _deq_q4_1(b):
-    d, m = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    q = _nibbles(b[:, 4:]).flatten(1).to(torch.float32)
-    return d * q + m
+    q = _nibbles(b[:, 4:]).flatten(1)[:, None]
+    return _f16(b[:, 0:2])[:, :, None], q, -_f16(b[:, 2:4])[:, :, None]
 
 
 def _q5(qh, qs):
@@ -107,18 +111,15 @@ def _q5(qh, qs):
 
 
 def _deq_q5_0(b):
-    d = _f16(b[:, 0:2])
-    return d * _signed(_q5(b[:, 2:6], b[:, 6:]), 16)
+    return _f16(b[:, 0:2])[:, :, None], _signed(_q5(b[:, 2:6], b[:, 6:]), 16)[:, None], None
 
 
 def _deq_q5_1(b):
-    d, m = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    return d * _q5(b[:, 4:8], b[:, 8:]).to(torch.float32) + m
+    return _f16(b[:, 0:2])[:, :, None], _q5(b[:, 4:8], b[:, 8:])[:, None], -_f16(b[:, 2:4])[:, :, None]
 
 
 def _deq_q8_0(b):
-    d = _f16(b[:, 0:2])
-    return b[:, 2:].view(torch.int8).to(torch.float32) * d
+    return _f16(b[:, 0:2])[:, :, None], b[:, 2:].view(torch.int8)[:, None], None
 
 
 def _deq_q2_k(b):
@@ -127,8 +128,7 @@ def _deq_q2_k(b):
     d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
     dl = (d * (scales & 0x0F).to(torch.float32)).view(n, 16, 1)
     ml = (dmin * (scales >> 4).to(torch.float32)).view(n, 16, 1)
-    q = _crumbs(qs.reshape(n, 2, 32)).reshape(n, 16, 16).to(torch.float32)
-    return (dl * q - ml).view(n, QK_K)
+    return dl, _crumbs(qs.reshape(n, 2, 32)).reshape(n, 16, 16), ml
 
 
 def _deq_q3_k(b):
@@ -136,12 +136,10 @@ def _deq_q3_k(b):
     hmask, qs, sc, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
     lo = _nibbles(sc[:, :8]).reshape(n, 16)
     hi = _crumbs(sc[:, 8:12]).reshape(n, 16)
-    scales = _signed(lo | (hi << 4), 32)
-    dl = (d * scales).view(n, 16, 1)
+    dl = (d * _signed(lo | (hi << 4), 32).to(torch.float32)).view(n, 16, 1)
     ql = _crumbs(qs.reshape(n, 2, 32)).reshape(n, 16, 16)
     qh = _bits(hmask).reshape(n, 16, 16) ^ 1  # a set hmask bit means no -4 offset
-    q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).to(torch.float32)
-    return (dl * q).view(n, QK_K)
+    return dl, ql.to(torch.int8) - (qh << 2).to(torch.int8), None
 
 
 def _scale_min_k4(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,23 +150,22 @@ def _scale_min_k4(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.to(torch.float32), mins.to(torch.float32)
 
 
-def _deq_q4_k(b):
+def _k_min_scales(b):
     n = b.shape[0]
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
     sc, mn = _scale_min_k4(b[:, 4:16])
-    dl, ml = (d * sc).view(n, 8, 1), (dmin * mn).view(n, 8, 1)
-    q = _nibbles(b[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32).to(torch.float32)
-    return (dl * q - ml).view(n, QK_K)
+    return (d * sc).view(n, 8, 1), (dmin * mn).view(n, 8, 1)
+
+
+def _deq_q4_k(b):
+    dl, ml = _k_min_scales(b)
+    return dl, _nibbles(b[:, 16:].reshape(-1, 4, 32)).reshape(-1, 8, 32), ml
 
 
 def _deq_q5_k(b):
-    n = b.shape[0]
-    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    dl, ml = (d * sc).view(n, 8, 1), (dmin * mn).view(n, 8, 1)
-    ql = _nibbles(b[:, 48:].reshape(n, 4, 32)).reshape(n, 8, 32)
-    q = (ql | (_bits(b[:, 16:48]) << 4)).to(torch.float32)
-    return (dl * q - ml).view(n, QK_K)
+    dl, ml = _k_min_scales(b)
+    ql = _nibbles(b[:, 48:].reshape(-1, 4, 32)).reshape(-1, 8, 32)
+    return dl, ql | (_bits(b[:, 16:48]) << 4), ml
 
 
 def _deq_q6_k(b):
@@ -177,21 +174,19 @@ def _deq_q6_k(b):
     dl = (d * sc.view(torch.int8).to(torch.float32)).view(n, 16, 1)
     lo = _nibbles(ql.reshape(n, 2, 64)).reshape(n, 8, 32)
     hi = _crumbs(qh.reshape(n, 2, 32)).reshape(n, 8, 32)
-    q = _signed(lo | (hi << 4), 32).view(n, 16, 16)
-    return (dl * q).view(n, QK_K)
+    return dl, _signed(lo | (hi << 4), 32).view(n, 16, 16), None
 
 
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 def _iq4(idx: torch.Tensor) -> torch.Tensor:
-    table = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=idx.device)
+    table = torch.tensor(IQ4_NL_VALUES, dtype=torch.int8, device=idx.device)
     return table[idx.to(torch.int64)]
 
 
 def _deq_iq4_nl(b):
-    d = _f16(b[:, 0:2])
-    return d * _iq4(_nibbles(b[:, 2:]).flatten(1))
+    return _f16(b[:, 0:2])[:, :, None], _iq4(_nibbles(b[:, 2:]).flatten(1))[:, None], None
 
 
 def _deq_iq4_xs(b):
@@ -199,17 +194,17 @@ def _deq_iq4_xs(b):
     d = _f16(b[:, 0:2])
     hi = _crumbs(b[:, 2:4]).transpose(1, 2).reshape(n, 8)  # 2 bits per sub-block of a LE uint16
     lo = _nibbles(b[:, 4:8]).transpose(1, 2).reshape(n, 8)  # low nibble = even sub-block
-    dl = (d * _signed(lo | (hi << 4), 32)).view(n, 8, 1)
-    q = _iq4(_nibbles(b[:, 8:].reshape(n, 8, 16)).reshape(n, 8, 32))
-    return (dl * q).view(n, QK_K)
+    dl = (d * _signed(lo | (hi << 4), 32).to(torch.float32)).view(n, 8, 1)
+    return dl, _iq4(_nibbles(b[:, 8:].reshape(n, 8, 16)).reshape(n, 8, 32)), None
 
 
 def _deq_float(dtype):
     def f(b):
         try:
-            return b.view(dtype).to(torch.float32)
+            v = b.view(dtype)
         except RuntimeError:  # misaligned storage offset
-            return b.contiguous().view(dtype).to(torch.float32)
+            v = b.contiguous().view(dtype)
+        return None, v[:, None], None
 
     return f
 
@@ -257,7 +252,17 @@ def dequantize_raw(raw: torch.Tensor, qtype, cols: int, dtype: torch.dtype = tor
     fn = _DEQUANT[qt]
     step = max(1, _CHUNK_VALUES // block) if raw.device.type == "cpu" else blocks.shape[0] or 1
     for i in range(0, blocks.shape[0], step):
-        out[i : i + step] = fn(blocks[i : i + step])
+        scale, q, offset = fn(blocks[i : i + step])
+        o = out[i : i + step].view(q.shape)
+        if dtype != torch.float32:
+            o = torch.empty(q.shape, dtype=torch.float32, device=raw.device)
+        o.copy_(q)  # integer codes -> float32, exact
+        if scale is not None:
+            o.mul_(scale)
+        if offset is not None:
+            o.sub_(offset)
+        if dtype != torch.float32:
+            out[i : i + step].view(q.shape).copy_(o)
     return out.view(rows, cols)
 
 

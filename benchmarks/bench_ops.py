@@ -1,0 +1,168 @@
+"""Side-by-side CPU numbers for ferrum's ops, printed as tables with ratios.
+
+    python benchmarks/bench_ops.py                       # every section
+    python benchmarks/bench_ops.py --sections dequant --threads 1 --gguf model.gguf
+
+Sections run in the order of SECTIONS; each is `bench_<name>(args)` and prints its
+own table (add a section: write the function, register it in SECTIONS, add its
+flags in build_parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf.quants import dequantize as gguf_dequantize
+
+from ferrum_mps.quants import DEQUANT_TYPES, dequantize_raw, row_nbytes
+
+
+def timeit(fn: Callable[[], object], repeat: int) -> float:
+    """Best wall time of `repeat` calls after one warm-up call, in seconds."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def print_table(title: str, headers: list[str], rows: list[list[object]]) -> None:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print(f"\n{title}")
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    sys.stdout.flush()
+
+
+# --- dequant -------------------------------------------------------------------------
+
+# Byte offsets of each block format's fp16 scale fields.
+_F16_FIELDS = {
+    Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),
+    Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
+    Q.IQ4_NL: (0,), Q.IQ4_XS: (0,),
+}
+
+
+def synthetic_raw(qtype: Q, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Random blocks with realistic fp16 scales (small, finite): [rows, row_nbytes] uint8."""
+    rng = np.random.default_rng(seed)
+    nb = row_nbytes(qtype, cols)
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        w = torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32))
+        dtype = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}[qtype]
+        return w.to(dtype).view(torch.uint8).reshape(rows, nb)
+    _, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows * nb // size, size), dtype=np.uint8)
+    for off in _F16_FIELDS[qtype]:
+        scale = (np.abs(rng.standard_normal(raw.shape[0])) * 1e-3).astype(np.float16)
+        raw[:, off : off + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(raw.reshape(rows, nb))
+
+
+def gguf_tensors(path: Path, max_values: int) -> dict[Q, tuple[torch.Tensor, int]]:
+    """The largest tensor of each type in a GGUF file, cut to about max_values values: {qtype: (raw, cols)}."""
+    from ferrum_mps.gguf_file import read_gguf
+
+    best: dict[Q, object] = {}
+    for qt in read_gguf(path).tensors.values():
+        if qt.qtype in DEQUANT_TYPES and (qt.qtype not in best or qt.numel > best[qt.qtype].numel):
+            best[qt.qtype] = qt
+    out = {}
+    for qtype, qt in best.items():
+        cols = qt.shape[-1]
+        raw = qt.raw.reshape(-1, qt.raw.shape[-1])
+        out[qtype] = (raw[: max(1, max_values // cols)].clone(), cols)
+    return out
+
+
+def _hf_dequantizer():
+    try:
+        from transformers.integrations.gguf import dequant as hf
+    except ImportError:
+        return None
+    return hf
+
+
+def bench_dequant(args) -> None:
+    """CPU dequantization throughput (GB/s of float32 output): ferrum vs gguf-py's numpy vs transformers' torch."""
+    hf = _hf_dequantizer()
+    if args.gguf:
+        inputs = gguf_tensors(args.gguf, args.dequant_values)
+        source = f"largest tensor of each type in {args.gguf.name}, up to {args.dequant_values:,} values"
+    else:
+        cols = 4096
+        rows = max(1, args.dequant_values // cols)
+        inputs = {q: (synthetic_raw(q, rows, cols), cols) for q in DEQUANT_TYPES}
+        source = f"random blocks, {rows}x{cols} values"
+    table = []
+    for qtype, (raw, cols) in inputs.items():
+        out_bytes = raw.shape[0] * cols * 4
+        ours_out = dequantize_raw(raw, qtype, cols)
+        raw_np = raw.numpy()
+        ref = gguf_dequantize(raw_np, qtype).reshape(raw.shape[0], cols)
+        exact = np.array_equal(ours_out.numpy(), ref, equal_nan=True)
+        t_ours = timeit(lambda: dequantize_raw(raw, qtype, cols), args.repeat)
+        t_gguf = timeit(lambda: gguf_dequantize(raw_np, qtype), args.repeat)
+        t_hf = None
+        if hf is not None and int(qtype) in hf.GGML_BLOCK:
+            flat = raw.reshape(-1)
+            t_hf = timeit(lambda: hf.dequantize(flat, int(qtype), torch.float32), args.repeat)
+        gbs = lambda t: out_bytes / t / 1e9  # noqa: E731
+        table.append([
+            qtype.name, f"{raw.shape[0] * cols:,}", f"{gbs(t_ours):.2f}", f"{gbs(t_gguf):.2f}",
+            f"{gbs(t_hf):.2f}" if t_hf else "n/a", f"{t_gguf / t_ours:.2f}x", f"{t_hf / t_ours:.2f}x" if t_hf else "n/a",
+            "yes" if exact else "NO",
+        ])
+    print_table(
+        f"dequantize on CPU, GB/s of float32 output ({source}; torch threads {torch.get_num_threads()}, best of {args.repeat})",
+        ["type", "values", "ferrum", "gguf-py", "transformers", "vs gguf-py", "vs transformers", "exact vs gguf-py"],
+        table,
+    )
+
+
+# Sections in the order they run.
+SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "dequant": bench_dequant,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated sections to run, in this order: {','.join(SECTIONS)}")
+    p.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (best is reported)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads before measuring")
+    p.add_argument("--gguf", type=Path, help="dequant: take each type's largest tensor from this GGUF file")
+    p.add_argument("--dequant-values", type=int, default=1 << 22, help="dequant: values per tensor")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    names = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in SECTIONS:  # registry order, whatever order they were asked in
+        if name in names:
+            SECTIONS[name](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
