@@ -133,9 +133,44 @@ def bench_dequant(args) -> None:
     )
 
 
+# --- qlinear -------------------------------------------------------------------------
+
+
+def bench_qlinear(args) -> None:
+    """CPU ferrum::qlinear vs dequantize-then-matmul (ferrum's dequantizer, transformers') at m = 1 and m = 64."""
+    import ferrum_mps.ops  # noqa: F401  (registers torch.ops.ferrum)
+    from ferrum_mps.quants import quantize
+
+    hf = _hf_dequantizer()
+    table = []
+    for qtype in (Q.Q4_K, Q.Q6_K):
+        for out_f, in_f in ((2048, 2048), (768, 2048)):
+            w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0)) * 0.02
+            raw = quantize(w, qtype)
+            for m in (1, 64):
+                x = torch.randn(m, in_f)
+                t_q = timeit(lambda: torch.ops.ferrum.qlinear(x, raw, int(qtype), out_f, in_f), args.repeat)
+                t_d = timeit(lambda: x @ torch.ops.ferrum.dequantize(raw, int(qtype), out_f, in_f, torch.float32).T, args.repeat)
+                t_h = None
+                if hf is not None and int(qtype) in hf.GGML_BLOCK:
+                    flat = raw.reshape(-1)
+                    t_h = timeit(lambda: x @ hf.dequantize(flat, int(qtype), torch.float32).view(out_f, in_f).T, args.repeat)
+                table.append([
+                    qtype.name, f"{out_f}x{in_f}", m, f"{t_q * 1e3:.2f}", f"{t_d * 1e3:.2f}",
+                    f"{t_h * 1e3:.2f}" if t_h else "n/a", f"{t_d / t_q:.2f}x", f"{t_h / t_q:.2f}x" if t_h else "n/a",
+                ])
+    print_table(
+        f"qlinear on CPU, ms per call (torch threads {torch.get_num_threads()}, best of {args.repeat}); "
+        "ratio > 1: qlinear is faster",
+        ["type", "out x in", "m", "qlinear", "deq+mm", "hf deq+mm", "vs deq+mm", "vs hf deq+mm"],
+        table,
+    )
+
+
 # Sections in the order they run.
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
     "dequant": bench_dequant,
+    "qlinear": bench_qlinear,
 }
 
 
