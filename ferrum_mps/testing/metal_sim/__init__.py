@@ -266,9 +266,11 @@ class MetalKernel:
         labels: list[bytes] = []
         checked = self._lib.bounds_check
 
-        def guarded(size: int, mod16: int, label: str) -> int:
+        def guarded(size: int, label: str) -> int:
+            # Aligned to the largest power of two (<= 16) dividing size: ends exactly at the guard.
+            align = min(16, size & -size) if size else 16
             m, ml = ctypes.c_void_p(), ctypes.c_uint64()
-            addr = rt.msl_guarded_alloc(size, mod16, ctypes.byref(m), ctypes.byref(ml))
+            addr = rt.msl_guarded_alloc(size, align, ctypes.byref(m), ctypes.byref(ml))
             if not addr:
                 raise MemoryError("metal_sim: cannot map a guarded buffer")
             lb = label.encode()
@@ -298,14 +300,14 @@ class MetalKernel:
                     keep.append(buf)
                     if checked:
                         p, _ = self._param(i)
-                        addr = guarded(len(data), 0, f"kernel {self.name}: {self._describe(p, i)}")
+                        addr = guarded(len(data), f"kernel {self.name}: {self._describe(p, i)}")
                         ctypes.memmove(addr, buf, len(data))
                         ptrs[i] = addr
                     else:
                         ptrs[i] = ctypes.addressof(buf)
             for lo, hi, members in storages.values():
                 names = ", ".join(self._describe(self._param(i)[0], i) for i, _ in members)
-                addr = guarded(hi - lo, lo % 16, f"kernel {self.name}: {names}")
+                addr = guarded(hi - lo, f"kernel {self.name}: {names}")
                 if hi > lo:
                     ctypes.memmove(addr, lo, hi - lo)
                 for i, a in members:

@@ -79,7 +79,7 @@ def _target_flags() -> list[str]:
 
 
 def _common_flags() -> list[str]:
-    return ["-std=c++17", "-fsigned-char", "-fno-exceptions", "-fno-rtti", "-fno-omit-frame-pointer", "-w"]
+    return ["-std=c++17", "-fsigned-char", "-fno-exceptions", "-fno-rtti", "-w"]
 
 
 def _build_flags() -> list[str]:

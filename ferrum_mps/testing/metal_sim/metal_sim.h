@@ -436,7 +436,12 @@ __MSL_ILIM(ulong, 0ul, 18446744073709551615ul)
 // ---- barriers -----------------------------------------------------------------------------
 enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4, mem_threadgroup_imageblock = 8, mem_object_data = 16 };
 constexpr mem_flags operator|(mem_flags a, mem_flags b) { return (mem_flags)((int)a | (int)b); }
-__MSLI void threadgroup_barrier(mem_flags = mem_flags::mem_none) { __msl_api->barrier(); }
+// A simd operation or barrier is identified by its source position (the default
+// arguments are evaluated at the caller): robust to the optimizer merging or
+// duplicating calls, unlike return addresses.
+#define __MSL_SITE_PARAMS uint __line = __builtin_LINE(), uint __col = __builtin_COLUMN()
+#define __MSL_SITE (((__msl_u64)__line << 16) | __col)
+__MSLI void threadgroup_barrier(mem_flags = mem_flags::mem_none, __MSL_SITE_PARAMS) { __msl_api->barrier(__MSL_SITE); }
 enum memory_order { memory_order_relaxed, memory_order_acquire, memory_order_release, memory_order_acq_rel, memory_order_seq_cst };
 enum class thread_scope { thread_scope_thread, thread_scope_simdgroup, thread_scope_threadgroup, thread_scope_device };
 __MSLI void atomic_thread_fence(mem_flags, memory_order, thread_scope = thread_scope::thread_scope_device) {}
@@ -446,19 +451,19 @@ __MSLI void atomic_thread_fence(mem_flags, memory_order, thread_scope = thread_s
 // lanes that reached the same call site (the active ones) and writes each lane's result.
 template <class T> __MSLI T __msl_ld(const MslThread* l, int i) { T v; __builtin_memcpy(&v, l[i].in, sizeof(T)); return v; }
 template <class T> __MSLI void __msl_st(MslThread* l, int i, T v) { __builtin_memcpy(l[i].out, &v, sizeof(T)); }
-template <class T> __MSLI T __msl_simd(T x, __msl_i64 arg, MslSimdFn fn) {
+template <class T> __MSLI T __msl_simd(T x, __msl_i64 arg, MslSimdFn fn, __msl_u64 site) {
     static_assert(sizeof(T) <= MSL_SLOT, "simd operand too large");
     MslThread* t = __msl_api->cur;
     __builtin_memcpy(t->in, &x, sizeof(T));
     t->arg = arg;
     t->fn = fn;
-    __msl_api->simd_wait();
+    __msl_api->simd_wait(site);
     T r;
     __builtin_memcpy(&r, t->out, sizeof(T));
     return r;
 }
 static void __msl_op_nop(MslThread*, __msl_u32) {}
-__MSLI void simdgroup_barrier(mem_flags = mem_flags::mem_none) { __msl_simd<int>(0, 0, __msl_op_nop); }
+__MSLI void simdgroup_barrier(mem_flags = mem_flags::mem_none, __MSL_SITE_PARAMS) { __msl_simd<int>(0, 0, __msl_op_nop, __MSL_SITE); }
 
 enum { __MSL_SUM, __MSL_PROD, __MSL_MIN, __MSL_MAX, __MSL_AND, __MSL_OR, __MSL_XOR };
 template <class T, int OP> __MSLI T __msl_combine(T a, T b) {
@@ -518,69 +523,70 @@ template <class T, int KIND> static void __msl_op_shuffle(MslThread* l, __msl_u3
         else __builtin_memset(l[i].out, 0xFF, sizeof(T));  // inactive source lane: poison
     }
 }
-static void __msl_op_ballot(MslThread* l, __msl_u32 m) {
-    __msl_u64 v = 0;
-    for (int i = 0; i < 32; i++)
-        if ((m >> i & 1) && l[i].in[0]) v |= 1ull << i;
-    for (int i = 0; i < 32; i++)
-        if (m >> i & 1) __builtin_memcpy(l[i].out, &v, 8);
-}
-static void __msl_op_mask(MslThread* l, __msl_u32 m) {
-    __msl_u64 v = m;
-    for (int i = 0; i < 32; i++)
-        if (m >> i & 1) __builtin_memcpy(l[i].out, &v, 8);
-}
 
-template <class T> __MSLI T simd_sum(T x) { return __msl_simd(x, 0, __msl_op_reduce<T, __MSL_SUM>); }
-template <class T> __MSLI T simd_product(T x) { return __msl_simd(x, 0, __msl_op_reduce<T, __MSL_PROD>); }
-template <class T> __MSLI T simd_min(T x) { return __msl_simd(x, 0, __msl_op_reduce<T, __MSL_MIN>); }
-template <class T> __MSLI T simd_max(T x) { return __msl_simd(x, 0, __msl_op_reduce<T, __MSL_MAX>); }
-template <class T> __MSLI T simd_and(T x) { return __msl_simd(x, 0, __msl_op_reduce<T, __MSL_AND>); }
-template <class T> __MSLI T simd_or(T x) { return __msl_simd(x, 0, __msl_op_reduce<T, __MSL_OR>); }
-template <class T> __MSLI T simd_xor(T x) { return __msl_simd(x, 0, __msl_op_reduce<T, __MSL_XOR>); }
-template <class T> __MSLI T simd_prefix_inclusive_sum(T x) { return __msl_simd(x, 0, __msl_op_prefix<T, true, __MSL_SUM>); }
-template <class T> __MSLI T simd_prefix_exclusive_sum(T x) { return __msl_simd(x, 0, __msl_op_prefix<T, false, __MSL_SUM>); }
-template <class T> __MSLI T simd_prefix_inclusive_product(T x) { return __msl_simd(x, 0, __msl_op_prefix<T, true, __MSL_PROD>); }
-template <class T> __MSLI T simd_prefix_exclusive_product(T x) { return __msl_simd(x, 0, __msl_op_prefix<T, false, __MSL_PROD>); }
-template <class T> __MSLI T simd_shuffle(T x, ushort lane) { return __msl_simd(x, lane, __msl_op_shuffle<T, __MSL_IDX>); }
-template <class T> __MSLI T simd_broadcast(T x, ushort lane) { return __msl_simd(x, lane, __msl_op_shuffle<T, __MSL_IDX>); }
-template <class T> __MSLI T simd_broadcast_first(T x) { return __msl_simd(x, 0, __msl_op_shuffle<T, __MSL_FIRST>); }
-template <class T> __MSLI T simd_shuffle_down(T x, ushort d) { return __msl_simd(x, d, __msl_op_shuffle<T, __MSL_DOWN>); }
-template <class T> __MSLI T simd_shuffle_up(T x, ushort d) { return __msl_simd(x, d, __msl_op_shuffle<T, __MSL_UP>); }
-template <class T> __MSLI T simd_shuffle_xor(T x, ushort mask) { return __msl_simd(x, mask, __msl_op_shuffle<T, __MSL_XORL>); }
-template <class T> __MSLI T simd_shuffle_rotate_down(T x, ushort d) { return __msl_simd(x, d, __msl_op_shuffle<T, __MSL_ROTD>); }
-template <class T> __MSLI T simd_shuffle_rotate_up(T x, ushort d) { return __msl_simd(x, d, __msl_op_shuffle<T, __MSL_ROTU>); }
+template <class T> __MSLI T simd_sum(T x, __MSL_SITE_PARAMS) { return __msl_simd(x, 0, __msl_op_reduce<T, __MSL_SUM>, __MSL_SITE); }
+template <class T> __MSLI T simd_product(T x, __MSL_SITE_PARAMS) { return __msl_simd(x, 0, __msl_op_reduce<T, __MSL_PROD>, __MSL_SITE); }
+template <class T> __MSLI T simd_min(T x, __MSL_SITE_PARAMS) { return __msl_simd(x, 0, __msl_op_reduce<T, __MSL_MIN>, __MSL_SITE); }
+template <class T> __MSLI T simd_max(T x, __MSL_SITE_PARAMS) { return __msl_simd(x, 0, __msl_op_reduce<T, __MSL_MAX>, __MSL_SITE); }
+template <class T> __MSLI T simd_and(T x, __MSL_SITE_PARAMS) { return __msl_simd(x, 0, __msl_op_reduce<T, __MSL_AND>, __MSL_SITE); }
+template <class T> __MSLI T simd_or(T x, __MSL_SITE_PARAMS) { return __msl_simd(x, 0, __msl_op_reduce<T, __MSL_OR>, __MSL_SITE); }
+template <class T> __MSLI T simd_xor(T x, __MSL_SITE_PARAMS) { return __msl_simd(x, 0, __msl_op_reduce<T, __MSL_XOR>, __MSL_SITE); }
+template <class T> __MSLI T simd_prefix_inclusive_sum(T x, __MSL_SITE_PARAMS) { return __msl_simd(x, 0, __msl_op_prefix<T, true, __MSL_SUM>, __MSL_SITE); }
+template <class T> __MSLI T simd_prefix_exclusive_sum(T x, __MSL_SITE_PARAMS) { return __msl_simd(x, 0, __msl_op_prefix<T, false, __MSL_SUM>, __MSL_SITE); }
+template <class T> __MSLI T simd_prefix_inclusive_product(T x, __MSL_SITE_PARAMS) { return __msl_simd(x, 0, __msl_op_prefix<T, true, __MSL_PROD>, __MSL_SITE); }
+template <class T> __MSLI T simd_prefix_exclusive_product(T x, __MSL_SITE_PARAMS) { return __msl_simd(x, 0, __msl_op_prefix<T, false, __MSL_PROD>, __MSL_SITE); }
+template <class T> __MSLI T simd_shuffle(T x, ushort lane, __MSL_SITE_PARAMS) { return __msl_simd(x, lane, __msl_op_shuffle<T, __MSL_IDX>, __MSL_SITE); }
+template <class T> __MSLI T simd_broadcast(T x, ushort lane, __MSL_SITE_PARAMS) { return __msl_simd(x, lane, __msl_op_shuffle<T, __MSL_IDX>, __MSL_SITE); }
+template <class T> __MSLI T simd_broadcast_first(T x, __MSL_SITE_PARAMS) { return __msl_simd(x, 0, __msl_op_shuffle<T, __MSL_FIRST>, __MSL_SITE); }
+template <class T> __MSLI T simd_shuffle_down(T x, ushort d, __MSL_SITE_PARAMS) { return __msl_simd(x, d, __msl_op_shuffle<T, __MSL_DOWN>, __MSL_SITE); }
+template <class T> __MSLI T simd_shuffle_up(T x, ushort d, __MSL_SITE_PARAMS) { return __msl_simd(x, d, __msl_op_shuffle<T, __MSL_UP>, __MSL_SITE); }
+template <class T> __MSLI T simd_shuffle_xor(T x, ushort mask, __MSL_SITE_PARAMS) { return __msl_simd(x, mask, __msl_op_shuffle<T, __MSL_XORL>, __MSL_SITE); }
+template <class T> __MSLI T simd_shuffle_rotate_down(T x, ushort d, __MSL_SITE_PARAMS) { return __msl_simd(x, d, __msl_op_shuffle<T, __MSL_ROTD>, __MSL_SITE); }
+template <class T> __MSLI T simd_shuffle_rotate_up(T x, ushort d, __MSL_SITE_PARAMS) { return __msl_simd(x, d, __msl_op_shuffle<T, __MSL_ROTU>, __MSL_SITE); }
 
 struct simd_vote {
-    __msl_u64 v;
+    __msl_u64 v, active;
     explicit operator __msl_u64() const { return v; }
     explicit operator uint() const { return (uint)v; }
-    bool all() const { return v == __msl_simd<__msl_u64>(0, 0, __msl_op_mask); }
+    bool all() const { return v == active; }
     bool any() const { return v != 0; }
 };
-__MSLI simd_vote simd_ballot(bool b) { return simd_vote{__msl_simd<__msl_u64>((__msl_u64)b, 0, __msl_op_ballot)}; }
-__MSLI bool simd_any(bool b) { return __msl_simd<__msl_u64>((__msl_u64)b, 0, __msl_op_ballot) != 0; }
-__MSLI bool simd_all(bool b) {
-    __msl_u64 v = __msl_simd<__msl_u64>((__msl_u64)b, 0, __msl_op_ballot);
-    return v == __msl_simd<__msl_u64>(0, 0, __msl_op_mask);
+static void __msl_op_vote(MslThread* l, __msl_u32 m) {
+    __msl_u64 v[2] = {0, m};
+    for (int i = 0; i < 32; i++)
+        if ((m >> i & 1) && l[i].in[0]) v[0] |= 1ull << i;
+    for (int i = 0; i < 32; i++)
+        if (m >> i & 1) __builtin_memcpy(l[i].out, v, 16);
 }
-__MSLI simd_vote simd_active_threads_mask() { return simd_vote{__msl_simd<__msl_u64>(0, 0, __msl_op_mask)}; }
-__MSLI bool simd_is_first() {
-    __msl_u64 m = __msl_simd<__msl_u64>(0, 0, __msl_op_mask);
+struct __msl_vote2 { __msl_u64 v, active; };
+__MSLI simd_vote simd_ballot(bool b, __MSL_SITE_PARAMS) {
+    __msl_vote2 r = __msl_simd(__msl_vote2{(__msl_u64)b, 0}, 0, __msl_op_vote, __MSL_SITE);
+    return simd_vote{r.v, r.active};
+}
+__MSLI bool simd_any(bool b, __MSL_SITE_PARAMS) { return simd_ballot(b, __line, __col).any(); }
+__MSLI bool simd_all(bool b, __MSL_SITE_PARAMS) { return simd_ballot(b, __line, __col).all(); }
+__MSLI simd_vote simd_active_threads_mask(__MSL_SITE_PARAMS) {
+    simd_vote r = simd_ballot(true, __line, __col);
+    return simd_vote{r.active, r.active};
+}
+__MSLI bool simd_is_first(__MSL_SITE_PARAMS) {
+    __msl_u64 m = simd_ballot(true, __line, __col).active;
     return __msl_api->cur->lane == (uint)__builtin_ctzll(m);
 }
 __MSLI bool simd_is_helper_thread() { return false; }
 
 // Quadgroups: 4 consecutive lanes; the shuffles reuse the simd ones within the quad.
-template <class T> __MSLI T quad_shuffle(T x, ushort i) {
+template <class T> __MSLI T quad_shuffle(T x, ushort i, __MSL_SITE_PARAMS) {
     uint base = __msl_api->cur->lane & ~3u;
-    return simd_shuffle(x, (ushort)(base + (i & 3)));
+    return simd_shuffle(x, (ushort)(base + (i & 3)), __line, __col);
 }
-template <class T> __MSLI T quad_shuffle_xor(T x, ushort m) { return simd_shuffle_xor(x, (ushort)(m & 3)); }
-template <class T> __MSLI T quad_broadcast(T x, ushort i) { return quad_shuffle(x, i); }
-template <class T> __MSLI T quad_sum(T x) {
-    x = x + quad_shuffle_xor(x, 1);
-    return x + quad_shuffle_xor(x, 2);
+template <class T> __MSLI T quad_shuffle_xor(T x, ushort m, __MSL_SITE_PARAMS) {
+    return simd_shuffle_xor(x, (ushort)(m & 3), __line, __col);
+}
+template <class T> __MSLI T quad_broadcast(T x, ushort i, __MSL_SITE_PARAMS) { return quad_shuffle(x, i, __line, __col); }
+template <class T> __MSLI T quad_sum(T x, __MSL_SITE_PARAMS) {
+    x = x + quad_shuffle_xor(x, 1, __line, __col);
+    return x + quad_shuffle_xor(x, 2, __line, __col + 1);
 }
 
 // ---- atomics ----------------------------------------------------------------------------

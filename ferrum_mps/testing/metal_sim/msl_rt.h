@@ -7,7 +7,6 @@ typedef unsigned int __msl_u32;
 typedef unsigned long long __msl_u64;
 typedef long long __msl_i64;
 
-#define MSL_MAX_SITE 24
 #define MSL_SLOT 64
 
 enum { MSL_READY = 0, MSL_SIMD = 1, MSL_BARRIER = 2, MSL_DONE = 3 };
@@ -23,8 +22,9 @@ struct MslThread {
     __msl_u32 tpig[3];      // thread_position_in_grid
     __msl_u32 lane, sgitg;  // thread_index_in_simdgroup, simdgroup_index_in_threadgroup
     __msl_u64 nbarrier;     // barriers passed (catches barriers reached in different loop trips)
-    int nsite;
-    void* site[MSL_MAX_SITE];  // return addresses, innermost first: identifies the call site
+    __msl_u64 site;         // source position (line, column) of the simd operation or barrier
+    __msl_u64 nsimd;        // simd operations done
+    __msl_u64 visited;      // bloom filter of the sites of those operations
     MslSimdFn fn;
     __msl_i64 arg;
     char* stack_lo;
@@ -47,8 +47,8 @@ struct MslGrid {
 struct MslApi {
     struct MslThread* cur;
     struct MslGrid* grid;
-    void (*simd_wait)(void);          // after filling cur->in/arg/fn: wait for the simdgroup
-    void (*barrier)(void);            // threadgroup_barrier
+    void (*simd_wait)(__msl_u64 site);  // after filling cur->in/arg/fn: wait for the simdgroup
+    void (*barrier)(__msl_u64 site);    // threadgroup_barrier
     void* (*tg_alloc)(int id, __msl_u64 size, __msl_u64 align);
     void (*fail)(const char* msg);    // abort the dispatch with an error
 };

@@ -148,28 +148,20 @@ static inline void yield_to_scheduler(void) {
     msl_switch(&t->sp, g_sched_sp);
 }
 
-__attribute__((noinline)) static void record_site(MslThread* t) {
-    void** fp = (void**)__builtin_frame_address(0);
-    int n = 0;
-    while (fp && n < MSL_MAX_SITE && (char*)fp >= t->stack_lo && (char*)fp + 16 <= t->stack_hi) {
-        t->site[n++] = fp[1];
-        void** next = (void**)fp[0];
-        if (next <= fp) break;
-        fp = next;
-    }
-    t->nsite = n;
-}
+static inline __msl_u64 site_bit(__msl_u64 site) { return 1ull << ((site * 0x9E3779B97F4A7C15ull) >> 58); }
 
-__attribute__((noinline)) static void api_simd_wait(void) {
+static void api_simd_wait(__msl_u64 site) {
     MslThread* t = g_api.cur;
-    record_site(t);
+    t->site = site;
+    t->nsimd++;
+    t->visited |= site_bit(site);
     t->state = MSL_SIMD;
     yield_to_scheduler();
 }
 
-__attribute__((noinline)) static void api_barrier(void) {
+static void api_barrier(__msl_u64 site) {
     MslThread* t = g_api.cur;
-    record_site(t);
+    t->site = site;
     t->state = MSL_BARRIER;
     t->nbarrier++;
     yield_to_scheduler();
@@ -240,7 +232,9 @@ static void init_thread(MslThread* t, uint32_t i) {
     t->lane = i % 32;
     t->sgitg = i / 32;
     t->nbarrier = 0;
-    t->nsite = 0;
+    t->site = 0;
+    t->nsimd = 0;
+    t->visited = 0;
     // Staggered tops: equal offsets modulo 4 KB would fight over the same cache sets.
     void** sp = (void**)(((uintptr_t)t->stack_hi - (i % 61) * 80) & ~(uintptr_t)15);
 #if defined(__x86_64__)
@@ -255,15 +249,47 @@ static void init_thread(MslThread* t, uint32_t i) {
     t->sp = sp;
 }
 
-// Call sites are compared outermost frame first, so the earliest site in program
-// order runs first: lanes still inside a loop run before lanes waiting after it.
-static int site_cmp(const MslThread* a, const MslThread* b) {
-    int na = a->nsite, nb = b->nsite;
-    for (int k = 0; k < na && k < nb; k++) {
-        uintptr_t x = (uintptr_t)a->site[na - 1 - k], y = (uintptr_t)b->site[nb - 1 - k];
-        if (x != y) return x < y ? -1 : 1;
+static int same_site(const MslThread* a, const MslThread* b) { return a->site == b->site; }
+
+// Which waiting lanes of a simdgroup form the active set: those at the same site, the
+// site chosen like a SIMT reconvergence stack would: (1) a site other waiting lanes have
+// already passed (a loop's body before the lanes that left the loop); (2) lanes that
+// have done fewer simd operations (the else branch runs before lanes that finished the
+// if branch go on); (3) the earlier site in the source.
+static int pick_site(MslThread* th, uint32_t lo, uint32_t hi) {
+    int cand[32], nc = 0;
+    __msl_u64 vis[32];
+    for (uint32_t i = lo; i < hi; i++) {
+        if (th[i].state != MSL_SIMD) continue;
+        int k = 0;
+        while (k < nc && th[cand[k]].site != th[i].site) k++;
+        if (k == nc) {
+            cand[nc] = (int)i;
+            vis[nc++] = th[i].visited;
+        } else {
+            vis[k] |= th[i].visited;
+            if (th[i].nsimd < th[cand[k]].nsimd) cand[k] = (int)i;
+        }
     }
-    return na == nb ? 0 : (na < nb ? -1 : 1);
+    if (nc <= 1) return nc ? cand[0] : -1;
+    int best = 0, best_behind = -1;
+    for (int k = 0; k < nc; k++) {
+        int behind = 0;
+        __msl_u64 bk = site_bit(th[cand[k]].site);
+        for (int j = 0; j < nc; j++)
+            if (j != k && (vis[j] & bk) && !(vis[k] & site_bit(th[cand[j]].site))) behind++;
+        const MslThread *a = &th[cand[k]], *b = &th[cand[best]];
+        int better;
+        if (best_behind < 0) better = 1;
+        else if (behind != best_behind) better = behind > best_behind;
+        else if (a->nsimd != b->nsimd) better = a->nsimd < b->nsimd;
+        else better = a->site < b->site;
+        if (better) {
+            best = k;
+            best_behind = behind;
+        }
+    }
+    return cand[best];
 }
 
 static int run_group(void) {
@@ -285,13 +311,11 @@ static int run_group(void) {
         int progressed = 0;
         for (uint32_t g = 0; g * 32 < n; g++) {
             uint32_t lo = g * 32, hi = lo + 32 < n ? lo + 32 : n;
-            int best = -1;
-            for (uint32_t i = lo; i < hi; i++)
-                if (th[i].state == MSL_SIMD && (best < 0 || site_cmp(&th[i], &th[best]) < 0)) best = (int)i;
+            int best = pick_site(th, lo, hi);
             if (best < 0) continue;
             uint32_t mask = 0;
             for (uint32_t i = lo; i < hi; i++)
-                if (th[i].state == MSL_SIMD && site_cmp(&th[i], &th[best]) == 0) mask |= 1u << (i - lo);
+                if (th[i].state == MSL_SIMD && same_site(&th[i], &th[best])) mask |= 1u << (i - lo);
             g_api.cur = &th[best];
             th[best].fn(&th[lo], mask);
             g_api.cur = 0;
@@ -318,7 +342,7 @@ static int run_group(void) {
             return 1;
         }
         for (uint32_t i = 0; i < n; i++) {
-            if (site_cmp(&th[i], &th[first_wait]) != 0 || th[i].nbarrier != th[first_wait].nbarrier) {
+            if (!same_site(&th[i], &th[first_wait]) || th[i].nbarrier != th[first_wait].nbarrier) {
                 describe_thread(&th[first_wait], a, sizeof a);
                 describe_thread(&th[i], b, sizeof b);
                 snprintf(g_msg, sizeof g_msg,
@@ -450,8 +474,8 @@ static char* pool_take(uint64_t len);
 
 // Device buffers live in their own mapping, ending right at a PROT_NONE page, so an
 // access past the end faults (and is reported) instead of reading a neighbour.
-// `mod16`: the returned address is congruent to it modulo 16 (keeps the original alignment).
-extern "C" char* msl_guarded_alloc(uint64_t size, uint64_t mod16, char** map_out, uint64_t* maplen_out) {
+// The buffer ends exactly at the guard page when `size` is a multiple of `align`.
+extern "C" char* msl_guarded_alloc(uint64_t size, uint64_t align, char** map_out, uint64_t* maplen_out) {
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
     uint64_t padded = size + 15;
     uint64_t data_pages = (padded + page - 1) / page * page;
@@ -469,7 +493,7 @@ extern "C" char* msl_guarded_alloc(uint64_t size, uint64_t mod16, char** map_out
     *maplen_out = len;
     char* end = base + page + data_pages;
     char* start = end - size;
-    start -= ((uintptr_t)start - mod16) & 15;
+    start = (char*)((uintptr_t)start & ~(uintptr_t)(align - 1));
     return start;
 }
 
