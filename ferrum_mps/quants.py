@@ -19,7 +19,9 @@ from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 
 Q = GGMLQuantizationType
 
-__all__ = ["check_qtype", "row_nbytes", "dequantize_raw", "quantize", "DEQUANT_TYPES", "QUANT_TYPES"]
+__all__ = [
+    "check_qtype", "row_nbytes", "dequantize_raw", "quantize", "DEQUANT_TYPES", "QUANT_TYPES", "UnsupportedQuantization",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -320,6 +322,20 @@ def _q_q5_0(x):
     return torch.cat((_f16_bytes(d), _pack_bits(q >> 4), _pack_nibbles(q[:, :16], q[:, 16:])), 1)
 
 
+def _q_q4_1(x):
+    mn, mx = x.amin(1), x.amax(1)
+    d = (mx - mn) / 15
+    q = torch.trunc((x - mn[:, None]) * _inv(d)[:, None] + 0.5).clamp_(0, 15).to(torch.uint8)
+    return torch.cat((_f16_bytes(d), _f16_bytes(mn), _pack_nibbles(q[:, :16], q[:, 16:])), 1)
+
+
+def _q_q5_1(x):
+    mn, mx = x.amin(1), x.amax(1)
+    d = (mx - mn) / 31
+    q = torch.trunc((x - mn[:, None]) * _inv(d)[:, None] + 0.5).clamp_(0, 31).to(torch.uint8)
+    return torch.cat((_f16_bytes(d), _f16_bytes(mn), _pack_bits(q >> 4), _pack_nibbles(q[:, :16], q[:, 16:])), 1)
+
+
 def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     """make_qkx2_quants for every row of x [N, n] at once: (L uint8 [N, n], scale [N], -min [N]).
 
@@ -461,6 +477,10 @@ def _q_float(dtype):
     return f
 
 
+class UnsupportedQuantization(ValueError, NotImplementedError):
+    """quantize() has no quantizer for this type (a ValueError; also a NotImplementedError, like gguf-py's)."""
+
+
 _QUANT: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
     Q.F32: _q_float(torch.float32),
     Q.F16: _q_float(torch.float16),
@@ -468,6 +488,8 @@ _QUANT: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
     Q.Q8_0: _q_q8_0,
     Q.Q4_0: _q_q4_0,
     Q.Q5_0: _q_q5_0,
+    Q.Q4_1: _q_q4_1,
+    Q.Q5_1: _q_q5_1,
     Q.Q4_K: _q_q4_k,
     Q.Q5_K: _q_q5_k,
     Q.Q6_K: _q_q6_k,
@@ -482,7 +504,7 @@ def quantize(w: torch.Tensor, qtype) -> torch.Tensor:
     """Quantize float `w` [..., cols] to GGML blocks: uint8 [..., row_nbytes] on w's device.
 
     Follows llama.cpp's reference quantizers (no importance matrix): Q8_0/Q4_0/Q5_0
-    are absmax-scaled, Q4_K/Q5_K search each sub-block's scale and min
+    are absmax-scaled, Q4_1/Q5_1 min/max-scaled, Q4_K/Q5_K search each sub-block's scale and min
     (make_qkx2_quants), Q6_K searches each sub-block's scale (make_qx_quants).
     """
     if not isinstance(w, torch.Tensor):
@@ -491,7 +513,9 @@ def quantize(w: torch.Tensor, qtype) -> torch.Tensor:
         raise TypeError(f"w must be a float tensor, got {w.dtype}")
     qt = check_qtype(qtype)
     if qt not in _QUANT:
-        raise ValueError(f"quantize does not support {qt.name}; supported: {', '.join(t.name for t in _QUANT)}")
+        raise UnsupportedQuantization(
+            f"quantize does not support {qt.name}; supported: {', '.join(t.name for t in _QUANT)}"
+        )
     if w.dim() == 0:
         raise ValueError("w must have at least one dimension")
     cols = w.shape[-1]

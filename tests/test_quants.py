@@ -68,7 +68,7 @@ def test_dequantize_random_blocks_bit_exact(qtype):
 
 def test_all_supported_types_are_covered():
     assert set(DEQUANT_TYPES) == set(F16_FIELDS) | set(FLOAT_TYPES)
-    assert set(QUANT_TYPES) >= {Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+    assert set(QUANT_TYPES) >= {Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q4_1, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 
 
 def test_gemma_every_tensor_bit_exact(gemma_gguf_path):
@@ -126,7 +126,7 @@ def test_quantize_bytes_decode_the_same_in_gguf(qtype):
     assert (err <= 0.5).all()  # no row is garbage (Q4_0's worst case is half a step of amax/8)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.BF16], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q4_1, Q.Q5_1, Q.BF16], ids=lambda q: q.name)
 def test_simple_quants_byte_identical_to_gguf(qtype):
     g = torch.Generator().manual_seed(2)
     w = torch.cat((torch.randn(8, 256, generator=g), special_rows(256)))
@@ -148,6 +148,8 @@ def test_quantize_bad_input():
         quantize(np.ones((2, 256), dtype=np.float32), Q.Q4_K)
     with pytest.raises(ValueError, match="Q3_K"):
         quantize(torch.ones(2, 256), Q.Q3_K)
+    with pytest.raises(NotImplementedError):  # as gguf-py's quantize says it, for callers that fall back
+        quantize(torch.ones(2, 256), Q.IQ4_XS)
     with pytest.raises(ValueError, match="unknown"):
         quantize(torch.ones(2, 256), 1234)
     with pytest.raises(ValueError, match="multiple"):
