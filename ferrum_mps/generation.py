@@ -1,0 +1,162 @@
+"""Streaming text generation with timing: what `python -m ferrum_mps generate` runs.
+
+    result = generate_text(model, tokenizer, "Once upon a time", max_new_tokens=64, stream=sys.stdout)
+    result.text, result.prefill_tokens_per_s, result.decode_tokens_per_s
+
+Generation itself is transformers' `model.generate()`; the streamer prints tokens as they come and
+time-stamps them: prefill ends when the first new token arrives, decode is every token after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import TextStreamer
+
+DEFAULT_PROMPT = "Once upon a time, in a small village by the sea,"
+DEFAULT_CHAT_PROMPT = "Write a short poem about the sea."
+
+
+class TimingStreamer(TextStreamer):
+    """transformers' TextStreamer writing to `stream` (None: silent) and recording when tokens arrive."""
+
+    def __init__(self, tokenizer, stream=sys.stdout, **decode_kwargs):
+        super().__init__(tokenizer, skip_prompt=True, **decode_kwargs)
+        self.stream = stream
+        self.pieces: list[str] = []
+        self.token_times: list[float] = []  # one entry per generated token (batch of one)
+        self.start: float | None = None
+
+    def put(self, value):
+        now = time.perf_counter()
+        if self.next_tokens_are_prompt:
+            self.start = now
+        else:
+            self.token_times.extend([now] * value.reshape(-1).numel())
+        super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        self.pieces.append(text)
+        if self.stream is not None:
+            self.stream.write(text)
+            self.stream.flush()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+@dataclass
+class GenerationResult:
+    text: str  # the decoded new tokens (what was streamed)
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float  # from generate() start to the first new token
+    decode_seconds: float  # from the first new token to the last
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = self.new_tokens - 1  # the first new token is part of prefill
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else float("nan")
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False, history: list[dict] | None = None) -> torch.Tensor:
+    """input_ids [1, T] for a plain prompt, or for a chat turn through the tokenizer's chat template."""
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("the prompt must be a non-empty string")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model's GGUF has no chat template (tokenizer.chat_template); run without --chat")
+        messages = list(history or []) + [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    return ids
+
+
+def generate_text(model, tokenizer, prompt: str, *, chat: bool = False, history: list[dict] | None = None,
+                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                  seed: int | None = None, stream=sys.stdout) -> GenerationResult:
+    """Generate from `prompt` (greedy when temperature == 0), streaming the text to `stream`."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    ids = encode_prompt(tokenizer, prompt, chat=chat, history=history)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's context length {limit}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    streamer = TimingStreamer(tokenizer, stream=stream, skip_special_tokens=True)
+    ids = ids.to(model.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             streamer=streamer, pad_token_id=pad, **sampling)
+    new = out.shape[1] - ids.shape[1]
+    times = streamer.token_times
+    prefill = times[0] - streamer.start if times else float("nan")
+    decode = times[-1] - times[0] if len(times) > 1 else 0.0
+    return GenerationResult(streamer.text, ids.shape[1], new, prefill, decode)
+
+
+# ---------------------------------------------------------------- the CLI subcommand
+
+
+def add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help="generate text from a GGUF model, streaming tokens as they come",
+                              description="Generate text from a GGUF model. Without --model, runs the embedded "
+                                          "default (Gemma-3-270M Q4_K_M assembled from its PyPI packages).")
+    p.add_argument("--model", help="path of a .gguf file (default: the embedded Gemma-3-270M Q4_K_M)")
+    p.add_argument("--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r}, or with --chat {DEFAULT_CHAT_PROMPT!r})")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--device", default=None, help="mps or cpu (default: mps when available)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.set_defaults(func=run_generate)
+    return p
+
+
+def run_generate(args) -> int:
+    """Load, stream the continuation to stdout, print load time and speeds to stderr."""
+    from ferrum_mps.loading import load_model, load_tokenizer
+
+    if args.model is None:
+        from ferrum_mps.default_model import default_model_path
+
+        path = default_model_path()
+    else:
+        path = args.model
+    prompt = args.prompt if args.prompt is not None else (DEFAULT_CHAT_PROMPT if args.chat else DEFAULT_PROMPT)
+    t0 = time.perf_counter()
+    model = load_model(path, device=args.device)
+    tokenizer = load_tokenizer(path)
+    load_s = time.perf_counter() - t0
+    if not args.chat:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+    r = generate_text(model, tokenizer, prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, stream=sys.stdout)
+    if not r.text.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(f"load: {load_s:.2f} s ({path}, {model.device})", file=sys.stderr)
+    print(f"prefill: {r.prompt_tokens} tokens, {r.prefill_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    print(f"decode: {r.new_tokens} tokens, {r.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    return 0
