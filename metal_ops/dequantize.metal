@@ -49,6 +49,8 @@ template [[host_name("dequant_q3_k_f32")]] kernel k_dequant_f32_t k_dequant<blk_
 template [[host_name("dequant_q4_k_f32")]] kernel k_dequant_f32_t k_dequant<blk_q4_K, float>;
 template [[host_name("dequant_q5_k_f32")]] kernel k_dequant_f32_t k_dequant<blk_q5_K, float>;
 template [[host_name("dequant_q6_k_f32")]] kernel k_dequant_f32_t k_dequant<blk_q6_K, float>;
+template [[host_name("dequant_iq4_nl_f32")]] kernel k_dequant_f32_t k_dequant<blk_iq4_nl, float>;
+template [[host_name("dequant_iq4_xs_f32")]] kernel k_dequant_f32_t k_dequant<blk_iq4_xs, float>;
 template [[host_name("dequant_f16_f32")]] kernel k_dequant_f32_t k_dequant<blk_f16, float>;
 template [[host_name("dequant_bf16_f32")]] kernel k_dequant_f32_t k_dequant<blk_bf16, float>;
 template [[host_name("dequant_q4_0_f16")]] kernel k_dequant_f16_t k_dequant<blk_q4_0, half>;
@@ -61,6 +63,8 @@ template [[host_name("dequant_q3_k_f16")]] kernel k_dequant_f16_t k_dequant<blk_
 template [[host_name("dequant_q4_k_f16")]] kernel k_dequant_f16_t k_dequant<blk_q4_K, half>;
 template [[host_name("dequant_q5_k_f16")]] kernel k_dequant_f16_t k_dequant<blk_q5_K, half>;
 template [[host_name("dequant_q6_k_f16")]] kernel k_dequant_f16_t k_dequant<blk_q6_K, half>;
+template [[host_name("dequant_iq4_nl_f16")]] kernel k_dequant_f16_t k_dequant<blk_iq4_nl, half>;
+template [[host_name("dequant_iq4_xs_f16")]] kernel k_dequant_f16_t k_dequant<blk_iq4_xs, half>;
 template [[host_name("dequant_f16_f16")]] kernel k_dequant_f16_t k_dequant<blk_f16, half>;
 template [[host_name("dequant_bf16_f16")]] kernel k_dequant_f16_t k_dequant<blk_bf16, half>;
 template [[host_name("get_rows_q4_0")]] kernel k_get_rows_t k_get_rows<blk_q4_0>;
@@ -73,6 +77,8 @@ template [[host_name("get_rows_q3_k")]] kernel k_get_rows_t k_get_rows<blk_q3_K>
 template [[host_name("get_rows_q4_k")]] kernel k_get_rows_t k_get_rows<blk_q4_K>;
 template [[host_name("get_rows_q5_k")]] kernel k_get_rows_t k_get_rows<blk_q5_K>;
 template [[host_name("get_rows_q6_k")]] kernel k_get_rows_t k_get_rows<blk_q6_K>;
+template [[host_name("get_rows_iq4_nl")]] kernel k_get_rows_t k_get_rows<blk_iq4_nl>;
+template [[host_name("get_rows_iq4_xs")]] kernel k_get_rows_t k_get_rows<blk_iq4_xs>;
 template [[host_name("get_rows_f16")]] kernel k_get_rows_t k_get_rows<blk_f16>;
 template [[host_name("get_rows_bf16")]] kernel k_get_rows_t k_get_rows<blk_bf16>;
 
@@ -88,6 +94,8 @@ template [[host_name("dequant_q3_k_bf16")]] kernel k_dequant_bf16_t k_dequant<bl
 template [[host_name("dequant_q4_k_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_q4_K, bfloat>;
 template [[host_name("dequant_q5_k_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_q5_K, bfloat>;
 template [[host_name("dequant_q6_k_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_q6_K, bfloat>;
+template [[host_name("dequant_iq4_nl_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_iq4_nl, bfloat>;
+template [[host_name("dequant_iq4_xs_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_iq4_xs, bfloat>;
 template [[host_name("dequant_f16_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_f16, bfloat>;
 template [[host_name("dequant_bf16_bf16")]] kernel k_dequant_bf16_t k_dequant<blk_bf16, bfloat>;
 #endif

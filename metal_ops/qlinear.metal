@@ -86,6 +86,8 @@ template [[host_name("mvb_q3_k_f32")]] kernel k_mvb_f32_t k_mvb<blk_q3_K, float>
 template [[host_name("mvb_q4_k_f32")]] kernel k_mvb_f32_t k_mvb<blk_q4_K, float>;
 template [[host_name("mvb_q5_k_f32")]] kernel k_mvb_f32_t k_mvb<blk_q5_K, float>;
 template [[host_name("mvb_q6_k_f32")]] kernel k_mvb_f32_t k_mvb<blk_q6_K, float>;
+template [[host_name("mvb_iq4_nl_f32")]] kernel k_mvb_f32_t k_mvb<blk_iq4_nl, float>;
+template [[host_name("mvb_iq4_xs_f32")]] kernel k_mvb_f32_t k_mvb<blk_iq4_xs, float>;
 template [[host_name("mm_q4_0_f32")]] kernel k_mm_f32_t k_mm<blk_q4_0, float>;
 template [[host_name("mm_q4_1_f32")]] kernel k_mm_f32_t k_mm<blk_q4_1, float>;
 template [[host_name("mm_q5_0_f32")]] kernel k_mm_f32_t k_mm<blk_q5_0, float>;
@@ -96,6 +98,8 @@ template [[host_name("mm_q3_k_f32")]] kernel k_mm_f32_t k_mm<blk_q3_K, float>;
 template [[host_name("mm_q4_k_f32")]] kernel k_mm_f32_t k_mm<blk_q4_K, float>;
 template [[host_name("mm_q5_k_f32")]] kernel k_mm_f32_t k_mm<blk_q5_K, float>;
 template [[host_name("mm_q6_k_f32")]] kernel k_mm_f32_t k_mm<blk_q6_K, float>;
+template [[host_name("mm_iq4_nl_f32")]] kernel k_mm_f32_t k_mm<blk_iq4_nl, float>;
+template [[host_name("mm_iq4_xs_f32")]] kernel k_mm_f32_t k_mm<blk_iq4_xs, float>;
 template [[host_name("mv_q4_0_f16")]] kernel k_mv_f16_t k_mv<mv_q4_0, half>;
 template [[host_name("mv_q5_0_f16")]] kernel k_mv_f16_t k_mv<mv_q5_0, half>;
 template [[host_name("mv_q4_1_f16")]] kernel k_mv_f16_t k_mv<mv_q4_1, half>;
@@ -116,6 +120,8 @@ template [[host_name("mvb_q3_k_f16")]] kernel k_mvb_f16_t k_mvb<blk_q3_K, half>;
 template [[host_name("mvb_q4_k_f16")]] kernel k_mvb_f16_t k_mvb<blk_q4_K, half>;
 template [[host_name("mvb_q5_k_f16")]] kernel k_mvb_f16_t k_mvb<blk_q5_K, half>;
 template [[host_name("mvb_q6_k_f16")]] kernel k_mvb_f16_t k_mvb<blk_q6_K, half>;
+template [[host_name("mvb_iq4_nl_f16")]] kernel k_mvb_f16_t k_mvb<blk_iq4_nl, half>;
+template [[host_name("mvb_iq4_xs_f16")]] kernel k_mvb_f16_t k_mvb<blk_iq4_xs, half>;
 template [[host_name("mm_q4_0_f16")]] kernel k_mm_f16_t k_mm<blk_q4_0, half>;
 template [[host_name("mm_q4_1_f16")]] kernel k_mm_f16_t k_mm<blk_q4_1, half>;
 template [[host_name("mm_q5_0_f16")]] kernel k_mm_f16_t k_mm<blk_q5_0, half>;
@@ -126,6 +132,8 @@ template [[host_name("mm_q3_k_f16")]] kernel k_mm_f16_t k_mm<blk_q3_K, half>;
 template [[host_name("mm_q4_k_f16")]] kernel k_mm_f16_t k_mm<blk_q4_K, half>;
 template [[host_name("mm_q5_k_f16")]] kernel k_mm_f16_t k_mm<blk_q5_K, half>;
 template [[host_name("mm_q6_k_f16")]] kernel k_mm_f16_t k_mm<blk_q6_K, half>;
+template [[host_name("mm_iq4_nl_f16")]] kernel k_mm_f16_t k_mm<blk_iq4_nl, half>;
+template [[host_name("mm_iq4_xs_f16")]] kernel k_mm_f16_t k_mm<blk_iq4_xs, half>;
 
 #if defined(__HAVE_BFLOAT__)
 typedef decltype(k_mv<mv_q4_K, bfloat>) k_mv_bf16_t;
@@ -151,6 +159,8 @@ template [[host_name("mvb_q3_k_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q3_K, bflo
 template [[host_name("mvb_q4_k_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q4_K, bfloat>;
 template [[host_name("mvb_q5_k_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q5_K, bfloat>;
 template [[host_name("mvb_q6_k_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q6_K, bfloat>;
+template [[host_name("mvb_iq4_nl_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_iq4_nl, bfloat>;
+template [[host_name("mvb_iq4_xs_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_iq4_xs, bfloat>;
 template [[host_name("mm_q4_0_bf16")]] kernel k_mm_bf16_t k_mm<blk_q4_0, bfloat>;
 template [[host_name("mm_q4_1_bf16")]] kernel k_mm_bf16_t k_mm<blk_q4_1, bfloat>;
 template [[host_name("mm_q5_0_bf16")]] kernel k_mm_bf16_t k_mm<blk_q5_0, bfloat>;
@@ -161,4 +171,6 @@ template [[host_name("mm_q3_k_bf16")]] kernel k_mm_bf16_t k_mm<blk_q3_K, bfloat>
 template [[host_name("mm_q4_k_bf16")]] kernel k_mm_bf16_t k_mm<blk_q4_K, bfloat>;
 template [[host_name("mm_q5_k_bf16")]] kernel k_mm_bf16_t k_mm<blk_q5_K, bfloat>;
 template [[host_name("mm_q6_k_bf16")]] kernel k_mm_bf16_t k_mm<blk_q6_K, bfloat>;
+template [[host_name("mm_iq4_nl_bf16")]] kernel k_mm_bf16_t k_mm<blk_iq4_nl, bfloat>;
+template [[host_name("mm_iq4_xs_bf16")]] kernel k_mm_bf16_t k_mm<blk_iq4_xs, bfloat>;
 #endif

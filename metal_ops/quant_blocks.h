@@ -29,6 +29,8 @@ struct blk_q3_K { uchar hmask[32]; uchar qs[64]; uchar scales[12]; half d;      
 struct blk_q4_K { half d; half dmin; uchar scales[12]; uchar qs[128];             enum { QK = QK_K, N16 = 16 }; };
 struct blk_q5_K { half d; half dmin; uchar scales[12]; uchar qh[32]; uchar qs[128]; enum { QK = QK_K, N16 = 16 }; };
 struct blk_q6_K { uchar ql[128]; uchar qh[64]; char scales[16]; half d;           enum { QK = QK_K, N16 = 16 }; };
+struct blk_iq4_nl { half d; uchar qs[16];                                       enum { QK = 32,   N16 = 2  }; };
+struct blk_iq4_xs { half d; ushort scales_h; uchar scales_l[4]; uchar qs[128];  enum { QK = QK_K, N16 = 16 }; };
 // Unquantized rows seen as 16-value "blocks" so the same gather/dequant kernels handle them.
 struct blk_f16  { half v[16];   enum { QK = 16, N16 = 1 }; };
 struct blk_bf16 { ushort v[16]; enum { QK = 16, N16 = 1 }; };
@@ -157,6 +159,25 @@ inline void dequant16(const device blk_q6_K *b, short il, thread float *w) {
         const int q = (lo | (((qh[i] >> (2 * k)) & 3) << 4)) - 32;
         w[i] = dl * float(q);
     }
+}
+
+// The 16 non-linear levels IQ4_NL / IQ4_XS nibbles index (ggml's kvalues_iq4nl).
+constant float iq4nl_levels[16] = {-127.f, -104.f, -83.f, -65.f, -49.f, -35.f, -22.f, -10.f,
+                                   1.f,    13.f,   25.f,  38.f,  53.f,  69.f,  89.f,  113.f};
+
+inline void dequant16(const device blk_iq4_nl *b, short il, thread float *w) {
+    const float d = b->d;
+    for (short i = 0; i < 16; ++i) w[i] = d * iq4nl_levels[il ? (b->qs[i] >> 4) : (b->qs[i] & 0x0F)];
+}
+
+// IQ4_XS: sub-block j (32 values, il = 2j + half) has a 6-bit scale (4 low bits in scales_l, 2 high
+// bits in scales_h), offset by 32; its 16 qs bytes hold values 0..15 (low nibbles) and 16..31 (high).
+inline void dequant16(const device blk_iq4_xs *b, short il, thread float *w) {
+    const short j = il / 2;
+    const int ls = ((b->scales_l[j / 2] >> (4 * (j % 2))) & 0x0F) | (((b->scales_h >> (2 * j)) & 3) << 4);
+    const float dl = float(b->d) * float(ls - 32);
+    const device uchar *q = b->qs + 16 * j;
+    for (short i = 0; i < 16; ++i) w[i] = dl * iq4nl_levels[(il & 1) ? (q[i] >> 4) : (q[i] & 0x0F)];
 }
 
 inline void dequant16(const device blk_f16 *b, short il, thread float *w) {
