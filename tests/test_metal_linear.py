@@ -220,3 +220,12 @@ def test_bad_input_raises_before_launch(metal_device):
         metal.dequantize(raw, int(Q.Q4_K), 4, 256, torch.int8)
     with pytest.raises(TypeError, match="int32 or int64"):
         metal.qembedding(torch.tensor([0.0]).to(metal_device), raw, int(Q.Q4_K), 256)
+
+
+def test_mps_kernels_registered_as_the_ops_mps_implementations():
+    """On a Mac, torch.ops.ferrum.* on MPS tensors dispatch to exactly these functions."""
+    import ferrum_mps.ops.linear as L
+
+    for op, fn in (("qlinear", L.qlinear_mps), ("dequantize", L.dequantize_mps), ("qembedding", L.qembedding_mps)):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ferrum::{op}", "MPS")
+        assert getattr(metal, op) is fn
