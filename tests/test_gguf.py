@@ -238,6 +238,19 @@ def test_corrupt_metadata(small):
         read_gguf(path2)
 
 
+def test_big_endian_file_is_refused(tmp_path):
+    path = tmp_path / "be.gguf"
+    w = gguf.GGUFWriter(path, "llama", endianess=gguf.GGUFEndian.BIG)
+    w.add_uint32("llama.block_count", 1)
+    w.add_tensor("f32", np.ones((2, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match="byte order"):
+        read_gguf(path)
+
+
 def test_byte_count_larger_than_file(small):
     path, _ = small
     field = gguf.GGUFReader(path).tensors[4].field  # q6k, the last tensor: grow its rows
