@@ -496,6 +496,13 @@ _QUANT: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 QUANT_TYPES = tuple(_QUANT)
 
+_F16_MAX = 65504.0
+# Largest |w| whose block scales (and Q4_1/Q5_1 mins) still fit in float16, per type (conservative).
+_QUANT_LIMIT = {
+    Q.F16: _F16_MAX, Q.Q8_0: _F16_MAX * 127, Q.Q4_0: _F16_MAX * 8, Q.Q5_0: _F16_MAX * 16,
+    Q.Q4_1: _F16_MAX, Q.Q5_1: _F16_MAX, Q.Q4_K: _F16_MAX * 63, Q.Q5_K: _F16_MAX * 63, Q.Q6_K: _F16_MAX * 128,
+}
+
 # Values per quantization step: the k-quant searches hold ~20 candidates per value.
 _QUANT_CHUNK_VALUES = 1 << 17
 
@@ -523,6 +530,9 @@ def quantize(w: torch.Tensor, qtype) -> torch.Tensor:
     x = w.detach().to(torch.float32).contiguous()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("w contains NaN or infinite values")
+    limit = _QUANT_LIMIT.get(qt)
+    if limit is not None and x.numel() and (amax := float(x.abs().max())) > limit:
+        raise ValueError(f"w has values up to {amax:g}: {qt.name} keeps its scales in float16, which caps values at {limit:g}")
     block, size = GGML_QUANT_SIZES[qt]
     x = x.view(-1, block)
     out = torch.empty(x.shape[0], size, dtype=torch.uint8, device=x.device)

@@ -131,7 +131,27 @@ def test_quantize_bytes_decode_the_same_in_gguf(qtype):
     assert (err <= 0.5).all()  # no row is garbage (Q4_0's worst case is half a step of amax/8)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q4_1, Q.Q5_1, Q.BF16], ids=lambda q: q.name)
+SIMPLE = [Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q4_1, Q.Q5_1, Q.BF16]
+
+
+@pytest.mark.parametrize("qtype", SIMPLE, ids=lambda q: q.name)
+def test_simple_quants_byte_identical_to_gguf_on_any_rows(qtype):
+    """Hypothesis-drawn rows (ties, subnormals, repeated values, wide ranges) give gguf-py's exact bytes."""
+
+    values = st.floats(-3e4, 3e4, width=32, allow_subnormal=True) | st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.5, 1e-40])
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(rows=st.lists(st.lists(values, min_size=32, max_size=32), min_size=1, max_size=3))
+    def check(rows):
+        w = np.array(rows, dtype=np.float32)
+        with np.errstate(all="ignore"):
+            want = gguf_quantize(w, qtype)
+        assert np.array_equal(quantize(torch.from_numpy(w), qtype).numpy(), want)
+
+    check()
+
+
+@pytest.mark.parametrize("qtype", SIMPLE, ids=lambda q: q.name)
 def test_simple_quants_byte_identical_to_gguf(qtype):
     g = torch.Generator().manual_seed(2)
     w = torch.cat((torch.randn(8, 256, generator=g), special_rows(256)))
@@ -161,6 +181,11 @@ def test_quantize_bad_input():
         quantize(torch.ones(2, 200), Q.Q4_K)
     with pytest.raises(ValueError, match="NaN"):
         quantize(torch.tensor([[float("nan")] + [0.0] * 31]), Q.Q8_0)
+    with pytest.raises(ValueError, match="float16"):
+        quantize(torch.full((1, 32), 1e6), Q.Q4_0)
+    with pytest.raises(ValueError, match="float16"):
+        quantize(torch.full((1, 256), 1e5), Q.F16)
+    quantize(torch.full((1, 32), 1e6), Q.Q8_0)  # 1e6/127 still fits a float16 scale
 
 
 def test_check_qtype_row_nbytes_and_dequantize_bad_input():
