@@ -381,6 +381,16 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
     def static_cache(self, batch_size: int, max_len: int) -> StaticCache:
         return StaticCache(self.config, batch_size, max_len, self.norm.weight.device, self.norm.weight.dtype)
 
+    def decode_step(self, input_ids, cache: StaticCache, cache_position, attention_mask=None):
+        """Logits [B, T, V] of `input_ids` written at cache slots `cache_position` ([T] long) of a StaticCache.
+
+        Fixed shapes, no Python-side state: `torch.compile(model.decode_step, fullgraph=True)` traces it
+        in one graph (prefill eagerly with the same call and `cache_position=torch.arange(T)`).
+        """
+        B = input_ids.shape[0]
+        pos = None if attention_mask is not None else cache_position[None].expand(B, -1)
+        return self(input_ids, attention_mask=attention_mask, position_ids=pos, past_key_values=cache, cache_position=cache_position).logits
+
 
 # ---------------------------------------------------------------- metadata helpers for config_from_gguf
 

@@ -49,8 +49,8 @@ def test_defaults_cpu_float32_weights_stay_raw(synth):
 def test_gemma_resident_memory_close_to_file_size(gemma_gguf_path):
     before = rss()
     model = loading.load_model(gemma_gguf_path, device="cpu", progress=False)
-    with torch.no_grad():
-        model(torch.tensor([[2, 818, 5279]]), logits_to_keep=1)  # touch every weight once
+    touched = sum(int(b.max()) for b in model.buffers() if b.dtype == torch.uint8)  # page every weight byte in
+    assert touched > 0
     grown, size = rss() - before, gemma_gguf_path.stat().st_size
     # float32 weights would be ~4x the Q4_K_M file; raw bytes stay within it (+ runtime slack).
     assert grown < 1.15 * size + 64 * 2**20, (grown / 2**20, size / 2**20)

@@ -128,9 +128,7 @@ def run_static(model, ids, steps, step_fn, max_len=32):
 
 
 def test_compiled_static_decode_equals_eager_and_dynamic_cache(model):
-    def step(tok, cache, pos):
-        return model(tok, past_key_values=cache, cache_position=pos, position_ids=pos[None]).logits
-
+    step = model.decode_step
     ids = prompt(7, 1)
     eager_logits, eager_toks = run_static(model, ids, 4, step)
     assert eager_toks[0].tolist() == model.generate(ids, do_sample=False, max_new_tokens=5, min_new_tokens=5)[0, 7:].tolist()
