@@ -12,10 +12,10 @@ the launch functions at the end of this file).
 from __future__ import annotations
 
 import torch
-from gguf import GGML_QUANT_SIZES
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor
 
-from .. import quants
+from .. import quants, shaders
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _IDS = (torch.int32, torch.int64)
@@ -256,3 +256,139 @@ def moe_ffn(
 def _(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter):
     T, H, _, _ = _check_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter)
     return x.new_empty(T, H)
+
+
+# ---------------------------------------------------------------------------- MPS (Metal) launches
+#
+# Each function validates everything it can without reading GPU memory, then only launches
+# kernels: no .item(), no nonzero, no output shape that depends on the ids. Ids outside
+# [0, E) cannot be checked without a host sync: the kernels never address memory with them
+# and the pair contributes zeros instead.
+#
+# Launches per call (ours; plus one torch cast when ids are int64):
+#   moe_route: 1.  moe_qlinear: 1 below _MM_MIN_TOKENS tokens, else 2 (bucket, mat-mat).
+#   moe_ffn: 2 below _MM_MIN_TOKENS (gate+up+silu*mul, down+weighted sum), else 4
+#   (bucket, gate+up+silu*mul, down*weight, per-token sum).
+
+_MM_MIN_TOKENS = 32  # from here on tokens share expert weights often enough to tile
+_MV_ROWS = 4  # weight rows per mat-vec threadgroup (MOE_NSG * MOE_NR in moe.metal)
+_MM_ROWS, _MM_PAIRS = 64, 32  # QMM_N (weight rows), QMM_M (pairs) of a qmm_tile
+_ROUTE_MAX_EXPERTS = 256  # 8 probabilities per lane of the one-simdgroup routing kernel
+_METAL_QTYPES = frozenset(
+    {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q8_0,
+     GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K}
+)
+_DT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _metal_qtype(raw: Tensor, qtype: int, name: str) -> str:
+    q = quants.check_qtype(qtype)
+    if q not in _METAL_QTYPES:
+        supported = ", ".join(sorted(t.name for t in _METAL_QTYPES))
+        raise ValueError(f"{name}: {q.name} has no Metal MoE kernel (supported: {supported})")
+    if raw.storage_offset() % 2:
+        raise ValueError(f"{name} starts at an odd byte offset: GGML blocks need 2-byte alignment (clone it)")
+    return q.name.lower()
+
+
+def _ids32(ids: Tensor) -> Tensor:
+    return ids.to(torch.int32).contiguous()
+
+
+def _bucket(ids32: Tensor, experts: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """GPU-side grouping of pairs by expert into fixed-size buffers: pairs, their tokens, tile list."""
+    P = ids32.numel()
+    max_tiles = P // _MM_PAIRS + min(experts, P) + 1
+    dev = ids32.device
+    starts = torch.empty(experts, dtype=torch.int32, device=dev)
+    pairs = torch.empty(P, dtype=torch.int32, device=dev)
+    toks = torch.empty(P, dtype=torch.int32, device=dev)
+    tiles = torch.empty(3 * max_tiles, dtype=torch.int32, device=dev)
+    k = shaders.kernel("moe.metal", "moe_bucket")
+    k(ids32, starts, pairs, toks, tiles, P, experts, ids32.shape[1], max_tiles, threads=256, group_size=256)
+    return pairs, toks, tiles, max_tiles
+
+
+def moe_route_mps(router_logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    _check_route(router_logits, top_k)
+    T, E = router_logits.shape
+    if E > _ROUTE_MAX_EXPERTS:
+        raise ValueError(f"the Metal routing kernel handles up to {_ROUTE_MAX_EXPERTS} experts, got {E}")
+    dev = router_logits.device
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=dev)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=dev)
+    if T:
+        k = shaders.kernel("moe.metal", f"moe_route_{_DT[router_logits.dtype]}")
+        k(router_logits.contiguous(), weights, ids, E, top_k, int(bool(normalize)), threads=[32, T], group_size=[32, 1])
+    return weights, ids
+
+
+def moe_qlinear_mps(x: Tensor, ids: Tensor, experts_raw: Tensor, qtype: int, out_features: int, in_features: int) -> Tensor:
+    T, k, E = _check_qlinear(x, ids, experts_raw, qtype, out_features, in_features)
+    name, dt = _metal_qtype(experts_raw, qtype, "experts_raw"), _DT[x.dtype]
+    x, ids32, per_slot, P = x.contiguous(), _ids32(ids), int(x.dim() == 3), T * k
+    if T < _MM_MIN_TOKENS:
+        y = torch.empty(T, k, out_features, dtype=x.dtype, device=x.device)
+        if T:
+            kern = shaders.kernel("moe.metal", f"moe_mv_{name}_{dt}")
+            kern(experts_raw, x, ids32, y, in_features, out_features, E, k, per_slot,
+                 threads=[64, _cdiv(out_features, _MV_ROWS), P], group_size=[64, 1, 1])
+        return y
+    pairs, toks, tiles, n_tiles = _bucket(ids32, E)
+    y = torch.zeros(T, k, out_features, dtype=x.dtype, device=x.device)  # pairs with a bad id stay zero
+    kern = shaders.kernel("moe.metal", f"moe_mm_{name}_{dt}")
+    kern(experts_raw, x, pairs, toks, tiles, y, in_features, out_features, per_slot,
+         threads=[128, _cdiv(out_features, _MM_ROWS), n_tiles], group_size=[128, 1, 1])
+    return y
+
+
+def moe_ffn_mps(
+    x: Tensor, weights: Tensor, ids: Tensor, gate_raw: Tensor, up_raw: Tensor, down_raw: Tensor,
+    gate_qtype: int, up_qtype: int, down_qtype: int, inter: int,
+) -> Tensor:
+    T, H, k, E = _check_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter)
+    gname, uname = _metal_qtype(gate_raw, gate_qtype, "gate_raw"), _metal_qtype(up_raw, up_qtype, "up_raw")
+    dname, dt = _metal_qtype(down_raw, down_qtype, "down_raw"), _DT[x.dtype]
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    x, ids32, P = x.contiguous(), _ids32(ids), T * k
+    w = weights.to(torch.float32).contiguous()
+    small = T < _MM_MIN_TOKENS
+    if not small:
+        pairs, toks, tiles, n_tiles = _bucket(ids32, E)
+    if gname != uname:
+        # Files mixing gate and up types are rare: two projections and a torch silu*mul.
+        g = moe_qlinear_mps(x, ids32, gate_raw, gate_qtype, inter, H)
+        u = moe_qlinear_mps(x, ids32, up_raw, up_qtype, inter, H)
+        h = (torch.nn.functional.silu(g.float()) * u.float()).view(P, inter)
+    else:
+        h = torch.empty(P, inter, dtype=torch.float32, device=x.device)
+        if small:
+            kern = shaders.kernel("moe.metal", f"moe_mv_gate_up_{gname}_{dt}")
+            kern(gate_raw, up_raw, x, ids32, h, H, inter, E, k,
+                 threads=[64, _cdiv(inter, _MV_ROWS), P], group_size=[64, 1, 1])
+        else:
+            kern = shaders.kernel("moe.metal", f"moe_mm_gate_up_{gname}_{dt}")
+            kern(gate_raw, up_raw, x, pairs, toks, tiles, h, H, inter,
+                 threads=[128, _cdiv(inter, _MM_ROWS), n_tiles], group_size=[128, 1, 1])
+    if small:
+        kern = shaders.kernel("moe.metal", f"moe_mv_down_sum_{dname}_{dt}")
+        kern(down_raw, h, w, ids32, out, H, inter, E, k, threads=[64, _cdiv(H, _MV_ROWS), T], group_size=[64, 1, 1])
+        return out
+    y = torch.empty(P, H, dtype=torch.float32, device=x.device)
+    kern = shaders.kernel("moe.metal", f"moe_mm_down_{dname}")
+    kern(down_raw, h, pairs, tiles, w, y, H, inter, threads=[128, _cdiv(H, _MM_ROWS), n_tiles], group_size=[128, 1, 1])
+    kern = shaders.kernel("moe.metal", f"moe_reduce_{dt}")
+    n = T * H
+    kern(y, ids32, out, T, H, k, E, threads=_cdiv(n, 256) * 256, group_size=256)
+    return out
+
+
+moe_route.register_kernel("mps")(moe_route_mps)
+moe_qlinear.register_kernel("mps")(moe_qlinear_mps)
+moe_ffn.register_kernel("mps")(moe_ffn_mps)
