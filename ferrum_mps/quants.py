@@ -351,7 +351,7 @@ def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     sum_w, sum_x = w.sum(1), (w * x).sum(1)
 
     def grid(iscale, m):
-        return torch.addcmul(-m * iscale, x, iscale).round_().clamp_(0, nmax)
+        return (x - m).mul_(iscale).round_().clamp_(0, nmax)
 
     def sums(l):
         wl = w * l
