@@ -71,11 +71,25 @@ def _version(argv: list[str]) -> str:
     return (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else " ".join(argv)
 
 
+@lru_cache(maxsize=None)
+def _x86_v3() -> bool:
+    """x86-64-v3 (AVX2, FMA, F16C): without FMA every fma() is a slow libm call."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return {"avx2", "fma", "f16c", "bmi2", "movbe"} <= flags
+
+
 def _target_flags() -> list[str]:
-    # A baseline CPU so cached libraries stay valid on every machine of the same arch.
+    # A fixed CPU level (not -march=native) so cached libraries are portable; the level is
+    # part of the cache key.
+    x86 = platform.machine() in ("x86_64", "AMD64")
     if toolchain()["zig"]:
-        return ["-mcpu=baseline"]
-    return ["-march=x86-64"] if platform.machine() in ("x86_64", "AMD64") else ["-march=armv8-a"]
+        return ["-mcpu=x86_64_v3" if x86 and _x86_v3() else "-mcpu=baseline"]
+    if x86:
+        return ["-march=x86-64-v3" if _x86_v3() else "-march=x86-64"]
+    return ["-march=armv8-a"]
 
 
 def _common_flags() -> list[str]:
