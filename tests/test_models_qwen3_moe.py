@@ -109,6 +109,12 @@ def test_streamer_and_sampling_through_generate(model, synth):
     out = model.generate(**enc, streamer=streamer, **SHORT)
     streamed = [t for chunk in streamer.chunks[1:] for t in chunk]  # first put() is the prompt
     assert streamer.ended and streamed == out[0, enc.input_ids.shape[1]:].tolist()
+    # stop strings go through transformers' own StopStringCriteria: stop at the 3rd generated token's text
+    new = out[0, enc.input_ids.shape[1]:]
+    stop = tok.decode(new[2:3])
+    assert stop.strip() and stop not in tok.decode(new[:2]), "pick another prompt: the stop string must be new"
+    stopped = model.generate(**enc, stop_strings=[stop], tokenizer=tok, **dict(SHORT, min_new_tokens=0))
+    assert stopped[0].tolist() == out[0, : enc.input_ids.shape[1] + 3].tolist()
     torch.manual_seed(0)
     s1 = model.generate(**enc, do_sample=True, temperature=0.8, top_p=0.9, max_new_tokens=4)
     torch.manual_seed(0)
