@@ -50,13 +50,17 @@ def row_nbytes(qtype, cols: int) -> int:
     """Bytes of one row of `cols` values in `qtype`."""
     qt = check_qtype(qtype)
     block, size = GGML_QUANT_SIZES[qt]
-    if not isinstance(cols, int) or cols <= 0 or cols % block:
+    try:
+        n = operator.index(cols)
+    except TypeError:
+        raise ValueError(f"row length must be an int, got {cols!r}") from None
+    if n <= 0 or n % block:
         raise ValueError(f"row length {cols} is not a positive multiple of the {qt.name} block size {block}")
-    return cols // block * size
+    return n // block * size
 
 
 # ---------------------------------------------------------------------------
-# dequantization: fn(blocks uint8 [n, type_size]) -> float32 [n, block_size]
+# dequantization helpers (uint8 bit twiddling; GGML's element order)
 
 
 def _u8(values, device) -> torch.Tensor:
