@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include "msl_rt.h"
@@ -105,6 +106,8 @@ static int g_err;
 static char g_msg[2048];
 static sigjmp_buf g_jmp;
 static volatile sig_atomic_t g_in_dispatch;
+static pthread_t g_dispatch_thread;
+static struct sigaction g_old_actions[4];
 static volatile void* g_fault_addr;
 static volatile int g_fault_sig;
 static const MslRegion* g_regions;
@@ -359,9 +362,12 @@ static int run_group(void) {
 
 static void on_fault(int sig, siginfo_t* si, void* ctx) {
     (void)ctx;
-    if (!g_in_dispatch) {
-        signal(sig, SIG_DFL);
-        raise(sig);
+    if (!g_in_dispatch || !pthread_equal(pthread_self(), g_dispatch_thread)) {
+        // Not ours (another thread, or outside a launch): hand it to the previous handler
+        // by reinstalling it; the faulting instruction runs again and reaches it.
+        const int sigs[4] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
+        for (int k = 0; k < 4; k++)
+            if (sigs[k] == sig) sigaction(sig, &g_old_actions[k], 0);
         return;
     }
     g_fault_addr = si->si_addr;
@@ -430,7 +436,9 @@ extern "C" int msl_dispatch(void (*thunk)(void**), void** bufs, const uint32_t* 
     ss.ss_size = 256 * 1024;
     ss.ss_flags = 0;
     sigaltstack(&ss, &old_ss);
-    struct sigaction sa, old[4];
+    struct sigaction sa;
+    struct sigaction* old = g_old_actions;
+    g_dispatch_thread = pthread_self();
     const int sigs[4] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_fault;
