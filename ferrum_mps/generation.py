@@ -57,6 +57,7 @@ class GenerationResult:
     new_tokens: int
     prefill_seconds: float  # from generate() start to the first new token
     decode_seconds: float  # from the first new token to the last
+    token_ids: list[int]  # the new tokens
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -83,16 +84,20 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = False, history: list[dict
     return ids
 
 
-def generate_text(model, tokenizer, prompt: str, *, chat: bool = False, history: list[dict] | None = None,
-                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                  seed: int | None = None, stream=sys.stdout) -> GenerationResult:
-    """Generate from `prompt` (greedy when temperature == 0), streaming the text to `stream`."""
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def generate_text(model, tokenizer, prompt: str, *, chat: bool = False, history: list[dict] | None = None,
+                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                  seed: int | None = None, stream=sys.stdout) -> GenerationResult:
+    """Generate from `prompt` (greedy when temperature == 0), streaming the text to `stream`."""
+    check_sampling(max_new_tokens, temperature, top_p)
     ids = encode_prompt(tokenizer, prompt, chat=chat, history=history)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
@@ -107,11 +112,11 @@ def generate_text(model, tokenizer, prompt: str, *, chat: bool = False, history:
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              streamer=streamer, pad_token_id=pad, **sampling)
-    new = out.shape[1] - ids.shape[1]
+    new = out[0, ids.shape[1]:].tolist()
     times = streamer.token_times
     prefill = times[0] - streamer.start if times else float("nan")
     decode = times[-1] - times[0] if len(times) > 1 else 0.0
-    return GenerationResult(streamer.text, ids.shape[1], new, prefill, decode)
+    return GenerationResult(streamer.text, ids.shape[1], len(new), prefill, decode, new)
 
 
 # ---------------------------------------------------------------- the CLI subcommand
@@ -135,18 +140,25 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_generate(args) -> int:
     """Load, stream the continuation to stdout, print load time and speeds to stderr."""
-    from ferrum_mps.loading import load_model, load_tokenizer
+    from ferrum_mps.loading import load_model, load_tokenizer, resolve_device
 
     if args.model is None:
         from ferrum_mps.default_model import default_model_path
 
-        path = default_model_path()
+        try:
+            path = default_model_path()
+        except RuntimeError as e:  # not installed: the CLI reports OSErrors as clean errors
+            raise OSError(str(e)) from e
     else:
         path = args.model
     prompt = args.prompt if args.prompt is not None else (DEFAULT_CHAT_PROMPT if args.chat else DEFAULT_PROMPT)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
+    device = resolve_device(args.device)
     t0 = time.perf_counter()
-    model = load_model(path, device=args.device)
     tokenizer = load_tokenizer(path)
+    if args.chat:
+        encode_prompt(tokenizer, prompt, chat=True)  # no chat template: fail before the long part
+    model = load_model(path, device=device)
     load_s = time.perf_counter() - t0
     if not args.chat:
         sys.stdout.write(prompt)

@@ -433,7 +433,8 @@ def _file_type(qtypes: dict[str, Q]) -> int:
     return int(gguf.LlamaFileType.MOSTLY_Q8_0)
 
 
-def _write_metadata(w: gguf.GGUFWriter, arch: str, config, vocab: Vocab, name: str, file_type: int) -> None:
+def _write_metadata(w: gguf.GGUFWriter, arch: str, config, vocab: Vocab, name: str, file_type: int,
+                    chat_template: str | None) -> None:
     hd = _head_dim(config)
     w.add_name(name)
     w.add_context_length(config.max_position_embeddings)
@@ -464,12 +465,13 @@ def _write_metadata(w: gguf.GGUFWriter, arch: str, config, vocab: Vocab, name: s
     w.add_eos_token_id(vocab.eos_id)
     w.add_pad_token_id(vocab.pad_id)
     w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
 
 def write_gguf(path, config, *, seed: int = 0, qtypes: QTypePolicy = "mixed", vocab: Vocab | None = None,
-               progress: bool = False, unique_rows: int | None = None, unique_experts: int | None = None
-               ) -> SyntheticModel:
+               progress: bool = False, unique_rows: int | None = None, unique_experts: int | None = None,
+               chat_template: str | None = CHATML_TEMPLATE) -> SyntheticModel:
     """Write `config`'s random model (fixed `seed`) to `path` as llama.cpp would; return its description.
 
     `unique_rows` / `unique_experts` (benchmarks only: K-quant search is slow on big models) make
@@ -512,7 +514,7 @@ def write_gguf(path, config, *, seed: int = 0, qtypes: QTypePolicy = "mixed", vo
         written[name] = got
     tmp = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(str(tmp), arch)
-    _write_metadata(writer, arch, config, vocab, f"ferrum-synthetic-{arch}", _file_type(written))
+    _write_metadata(writer, arch, config, vocab, f"ferrum-synthetic-{arch}", _file_type(written), chat_template)
     for name, arr in arrays.items():
         writer.add_tensor(name, arr, raw_dtype=written[name] if arr.dtype == np.uint8 else None)
     writer.write_header_to_file()
