@@ -1,5 +1,8 @@
 """Qwen3-MoE from a synthetic llama.cpp-style GGUF vs transformers loading the very same file."""
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -8,6 +11,7 @@ from transformers.generation.streamers import BaseStreamer
 import ferrum_mps.loading as loading
 from ferrum_mps.models import Qwen3MoeForCausalLM
 from ferrum_mps.nn.moe import FusedMoE
+from ferrum_mps import metal
 from ferrum_mps.testing.synthetic import synthetic_gguf
 
 GREEDY = dict(do_sample=False, max_new_tokens=20, min_new_tokens=20)
@@ -146,3 +150,49 @@ def test_compiled_static_decode_equals_eager_and_dynamic_cache(model):
     comp_logits, comp_toks = run_static(model, ids, 4, compiled)
     assert comp_toks.tolist() == eager_toks.tolist()
     torch.testing.assert_close(comp_logits, eager_logits, atol=1e-4, rtol=0)
+
+
+@contextlib.contextmanager
+def metal_kernels_on_cpu():
+    """Route the ferrum ops of CPU tensors through their MPS implementations (launch code + Metal sources)."""
+    lib, calls = torch.library.Library("ferrum", "IMPL"), {}
+
+    def counted(name):
+        def run(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return getattr(metal, name)(*args)
+
+        return run
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+            for name in ("qlinear", "qembedding", "moe_route", "moe_ffn"):
+                lib.impl(name, counted(name), "CPU")
+        yield calls
+    finally:
+        lib._destroy()  # the CPU reference kernels are back
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_whole_model_on_the_metal_path_equals_cpu_ops(synth, metal_device, dtype):
+    """The same model through the Metal kernels (harness on CPU, the GPU on a Mac): prefill and a decode step."""
+    cpu = loading.load_model(synth.path, device="cpu", dtype=dtype, progress=False)
+    ids = prompt(6, 4)
+    with torch.no_grad():
+        want = cpu(ids, use_cache=True)
+        want_step = cpu(ids[:, :1], past_key_values=want.past_key_values).logits
+        if metal_device.type == "mps":
+            gpu = loading.load_model(synth.path, device="mps", dtype=dtype, progress=False)
+            run = lambda x, **kw: gpu(x.to("mps"), **kw)  # noqa: E731
+            ctx = contextlib.nullcontext()
+        else:
+            run, ctx = cpu, metal_kernels_on_cpu()
+        with ctx as calls:
+            got = run(ids, use_cache=True)
+            got_step = run(ids[:, :1], past_key_values=got.past_key_values).logits
+    if metal_device.type == "cpu":  # every op really went through the Metal launch code
+        assert calls["qembedding"] == 2 and calls["moe_ffn"] == 4 and calls["qlinear"] == 2 * 9
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.logits.cpu().float(), want.logits.float(), atol=tol, rtol=0)
+    torch.testing.assert_close(got_step.cpu().float(), want_step.float(), atol=tol, rtol=0)
