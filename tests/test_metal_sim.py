@@ -391,6 +391,19 @@ kernel void gemm(device const T* A, device const T* B, device float* C, constant
         if (r0 + r < M && c0 + c < N) C[(r0 + r) * N + c0 + c] = out[e];
     }
 }
+kernel void bf16_ops(device const bfloat* a, device const bfloat* b, device bfloat* o, uint i [[thread_position_in_grid]]) {
+    o[i * 2 + 0] = a[i] * b[i] + a[i];
+    o[i * 2 + 1] = bfloat(float(a[i]) * 3.0f);
+}
+kernel void votes(device uint* o, device const packed_float3* p, uint i [[thread_position_in_grid]],
+                  ushort lane [[thread_index_in_simdgroup]]) {
+    simd_vote v = simd_ballot(lane % 5 == 0);
+    o[i * 4 + 0] = uint(ulong(v));
+    o[i * 4 + 1] = quad_sum(uint(lane));
+    o[i * 4 + 2] = simd_is_first() ? 1u : 0u;
+    float3 q = p[i];
+    o[i * 4 + 3] = uint(q.x + q.y * 10 + q.z * 100);
+}
 template [[host_name("gemm_f32")]] kernel void gemm<float>(device const float*, device const float*, device float*,
     constant long&, constant long&, constant long&, uint2, ushort, uint);
 template [[host_name("gemm_f16")]] kernel void gemm<half>(device const half*, device const half*, device float*,
@@ -446,6 +459,29 @@ def test_math_functions(num):
     torch.testing.assert_close(o[:, 5], x * 10)
     assert torch.equal(o[:, 6], torch.where(x > 0, 2.0, 1.0))
     torch.testing.assert_close(o[:, 7], (-x).clamp(min=0))
+
+
+def test_bfloat_rounds_like_torch(num):
+    a, b = torch.randn(256).bfloat16(), torch.randn(256).bfloat16()
+    o = torch.zeros(512, dtype=torch.bfloat16)
+    num.bf16_ops(a, b, o, threads=256, group_size=128)
+    assert torch.equal(o[0::2], a * b + a)
+    assert torch.equal(o[1::2], (a.float() * 3).bfloat16())
+
+
+def test_ballot_quad_and_packed3(num):
+    import numpy as np
+
+    p = torch.arange(48 * 3, dtype=torch.float32).remainder(7).view(48, 3)
+    o = torch.zeros(48 * 4, dtype=torch.int32)
+    num.votes(o, p, threads=np.int64(48), group_size=[np.int32(48)])  # numpy ints are accepted
+    o = o.view(48, 4)
+    first = sum(1 << lane for lane in range(0, 32, 5))
+    second = sum(1 << lane for lane in range(0, 16, 5))  # 16 lanes in the partial simdgroup
+    assert o[:32, 0].tolist() == [first] * 32 and o[32:, 0].tolist() == [second] * 16
+    assert o[:, 1].tolist() == [4 * (i % 32 // 4) * 4 + 6 for i in range(48)]
+    assert o[:, 2].tolist() == [1 if i % 32 == 0 else 0 for i in range(48)]
+    assert o[:, 3].tolist() == (p[:, 0] + p[:, 1] * 10 + p[:, 2] * 100).int().tolist()
 
 
 @pytest.mark.parametrize("dtype,name", [(torch.float32, "gemm_f32"), (torch.float16, "gemm_f16")])

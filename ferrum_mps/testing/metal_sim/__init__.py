@@ -14,6 +14,7 @@ to a `constant float&`, an out-of-bounds access) this raises instead.
 from __future__ import annotations
 
 import ctypes
+import operator
 import threading
 from typing import Any, Sequence
 
@@ -329,14 +330,19 @@ class MetalKernel:
 
 
 def _as_list(v) -> list:
-    return [v] if isinstance(v, int) else list(v) if v is not None else []
+    if v is None:
+        return []
+    return list(v) if isinstance(v, (list, tuple, torch.Size)) else [v]
 
 
 def _dims(v, what: str, name: str) -> list[int]:
     if v is None:
         raise ValueError(f"kernel {name}: pass {what}= explicitly (compile_shader's defaults differ by version)")
-    dims = _as_list(v)
-    if not 1 <= len(dims) <= 3 or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+    try:
+        dims = [operator.index(d) for d in _as_list(v)]
+    except TypeError:
+        dims = []
+    if not 1 <= len(dims) <= 3 or any(isinstance(d, bool) for d in _as_list(v)):
         raise ValueError(f"kernel {name}: {what} must be an int or a list of 1-3 ints, got {v!r}")
     if any(d <= 0 for d in dims):
         raise ValueError(f"kernel {name}: {what} must be positive, got {v!r}")

@@ -96,8 +96,21 @@ def _common_flags() -> list[str]:
     return ["-std=c++17", "-fsigned-char", "-fno-exceptions", "-fno-rtti", "-w"]
 
 
+def _clang_major() -> int:
+    m = re.search(r"clang version (\d+)", toolchain()["id"])
+    return int(m.group(1)) if m else 0
+
+
+def _rounding_flags() -> list[str]:
+    # half/bfloat round after every operation, as on the GPU (not once per expression).
+    flags = ["-Xclang", "-ffloat16-excess-precision=none"]
+    if _clang_major() >= 17:
+        flags += ["-Xclang", "-fbfloat16-excess-precision=none"]
+    return flags
+
+
 def _build_flags() -> list[str]:
-    flags = _common_flags() + _target_flags() + ["-O2", "-fPIC", "-shared", "-Xclang", "-ffloat16-excess-precision=none"]
+    flags = _common_flags() + _target_flags() + ["-O2", "-fPIC", "-shared"] + _rounding_flags()
     if toolchain()["zig"]:
         flags.append("-nostdlib++")
     if platform.system() == "Darwin":
@@ -131,7 +144,7 @@ def runtime_library() -> Path:
         with _lock:
             if not out.exists():
                 tc = toolchain()
-                flags = [f for f in _build_flags() if f not in ("-Xclang", "-ffloat16-excess-precision=none")]
+                flags = [f for f in _build_flags() if f not in _rounding_flags()]
                 flags += ["-x", "c++", "-fno-stack-protector", "-U_FORTIFY_SOURCE"]
                 tmp = out.with_suffix(f".{os.getpid()}.tmp")
                 _run(tc["build"] + flags + ["-I", str(HERE), str(HERE / "runtime.cpp"), "-o", str(tmp)],
@@ -146,8 +159,7 @@ _DEFINES = ["-D__METAL_VERSION__=310", "-D__METAL__=1", "-D__METAL_MACOS__=1", "
 
 def preprocess(source: str) -> str:
     src = _INCLUDE_RE.sub("", source)
-    m = re.search(r"clang version (\d+)", toolchain()["id"])
-    bf = ["-D__HAVE_BFLOAT__=1"] if m and int(m.group(1)) >= 17 else []
+    bf = ["-D__HAVE_BFLOAT__=1"] if _clang_major() >= 17 else []
     return _run(toolchain()["front"] + ["-E", "-P", "-x", "c++", "-std=c++17"] + _DEFINES + bf + ["-"],
                 "preprocessing the Metal source", stdin=src)
 
@@ -161,6 +173,7 @@ def _entry_from_meta(m: dict) -> Entry:
 # Metal allows both: those diagnostics are not errors of the kernel.
 _FALSE_POSITIVE = re.compile(
     r"implicit (copy|move) (constructor|assignment operator)|'this' argument to member function|"
+    r"'this' object is in address space|"
     r"candidate function \(the implicit (copy|move) assignment operator\)"
 )
 

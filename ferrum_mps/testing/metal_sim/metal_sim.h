@@ -70,6 +70,24 @@ __MSL_VEC(ulong, ulong)
 #ifdef __MSL_HAS_BFLOAT
 __MSL_VEC(bfloat, bfloat)
 #endif
+// packed_T3: 3 elements without the 4th of padding (12 bytes for float), converting to T3.
+template <class T> struct __msl_packed3 {
+    T x, y, z;
+    typedef T __attribute__((ext_vector_type(3))) V;
+    __msl_packed3() = default;
+    __msl_packed3(V v) : x(v.x), y(v.y), z(v.z) {}
+    operator V() const { return V{x, y, z}; }
+    T& operator[](int i) { return (&x)[i]; }
+    T operator[](int i) const { return (&x)[i]; }
+};
+typedef __msl_packed3<float> packed_float3;
+typedef __msl_packed3<half> packed_half3;
+typedef __msl_packed3<int> packed_int3;
+typedef __msl_packed3<uint> packed_uint3;
+typedef __msl_packed3<short> packed_short3;
+typedef __msl_packed3<ushort> packed_ushort3;
+typedef __msl_packed3<char> packed_char3;
+typedef __msl_packed3<uchar> packed_uchar3;
 typedef bool bool2 __attribute__((ext_vector_type(2)));
 typedef bool bool3 __attribute__((ext_vector_type(3)));
 typedef bool bool4 __attribute__((ext_vector_type(4)));
@@ -546,7 +564,7 @@ template <class T> __MSLI T simd_shuffle_rotate_up(T x, ushort d, __MSL_SITE_PAR
 
 struct simd_vote {
     __msl_u64 v, active;
-    explicit operator __msl_u64() const { return v; }
+    explicit operator ulong() const { return (ulong)v; }
     explicit operator uint() const { return (uint)v; }
     bool all() const { return v == active; }
     bool any() const { return v != 0; }
