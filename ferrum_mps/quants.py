@@ -93,7 +93,7 @@ def _crumbs(b: torch.Tensor) -> torch.Tensor:
 
 
 def _signed(q: torch.Tensor, offset: int) -> torch.Tensor:
-    return q.to(torch.int8) - offset
+    return q.view(torch.int8) - offset  # codes < 128: reinterpreting the bytes is free
 
 
 # Each format is `scale * q - offset` per element: fn(blocks) -> (scale, q, offset) with
@@ -145,7 +145,7 @@ def _deq_q3_k(b):
     dl = (d * _signed(lo | (hi << 4), 32).to(torch.float32)).view(n, 16, 1)
     ql = _crumbs(qs.reshape(n, 2, 32)).reshape(n, 16, 16)
     qh = _bits(hmask).reshape(n, 16, 16) ^ 1  # a set hmask bit means no -4 offset
-    return dl, ql.to(torch.int8) - (qh << 2).to(torch.int8), None
+    return dl, ql.view(torch.int8) - (qh << 2).view(torch.int8), None
 
 
 def _scale_min_k4(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
