@@ -10,7 +10,7 @@ from .qwen3_moe import Qwen3MoeForCausalLM
 MODELS: dict[str, type[GGUFForCausalLM]] = {
     arch: cls
     for cls in (Qwen3MoeForCausalLM, Qwen3ForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM, Gemma3ForCausalLM)
-    for arch in cls.architectures
+    for arch in cls.gguf_architectures
 }
 
 

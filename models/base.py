@@ -260,7 +260,7 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _supports_sdpa = True
     _no_split_modules = ["Block"]
-    architectures: tuple[str, ...] = ()  # general.architecture values this class loads
+    gguf_architectures: tuple[str, ...] = ()  # general.architecture values this class loads
 
     @classmethod
     def config_from_gguf(cls, metadata: dict, tensors: dict) -> GGUFConfig:
@@ -344,6 +344,9 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
             if cache_position is None:
                 raise ValueError("a StaticCache needs cache_position (the cache slots of the new tokens)")
             S = cache.max_len
+            # index_copy_ on a GPU does not bound-check: validate in eager mode (compiled steps skip the sync).
+            if not torch.compiler.is_compiling() and not (0 <= int(cache_position.min()) and int(cache_position.max()) < S):
+                raise ValueError(f"cache_position {cache_position.tolist()} outside the static cache of {S} slots")
         else:
             if cache is None and use_cache:
                 cache = DynamicCache()

@@ -14,7 +14,7 @@ LOCAL_ROPE_BASE = 10000.0
 
 
 class Gemma3ForCausalLM(GGUFForCausalLM):
-    architectures = ("gemma3",)
+    gguf_architectures = ("gemma3",)
 
     @classmethod
     def config_from_gguf(cls, md: dict, tensors: dict) -> GGUFConfig:

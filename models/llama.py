@@ -10,7 +10,7 @@ from .base import GGUFConfig, GGUFForCausalLM, common_config
 
 
 class LlamaForCausalLM(GGUFForCausalLM):
-    architectures = ("llama",)
+    gguf_architectures = ("llama",)
 
     @classmethod
     def config_from_gguf(cls, md: dict, tensors: dict) -> GGUFConfig:

@@ -6,7 +6,7 @@ from .base import GGUFConfig, GGUFForCausalLM, common_config
 
 
 class Qwen2ForCausalLM(GGUFForCausalLM):
-    architectures = ("qwen2",)
+    gguf_architectures = ("qwen2",)
 
     @classmethod
     def config_from_gguf(cls, md: dict, tensors: dict) -> GGUFConfig:

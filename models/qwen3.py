@@ -6,7 +6,7 @@ from .base import GGUFConfig, GGUFForCausalLM, common_config
 
 
 class Qwen3ForCausalLM(GGUFForCausalLM):
-    architectures = ("qwen3",)
+    gguf_architectures = ("qwen3",)
 
     @classmethod
     def config_from_gguf(cls, md: dict, tensors: dict) -> GGUFConfig:

@@ -8,7 +8,7 @@ from .base import GGUFConfig, GGUFForCausalLM, common_config, meta
 
 
 class Qwen3MoeForCausalLM(GGUFForCausalLM):
-    architectures = ("qwen3moe",)
+    gguf_architectures = ("qwen3moe",)
 
     @classmethod
     def config_from_gguf(cls, md: dict, tensors: dict) -> GGUFConfig:

@@ -115,6 +115,8 @@ def test_prompt_longer_than_context(synth):
         model(torch.zeros(1, 2, dtype=torch.long), past_key_values=out.past_key_values)
     with pytest.raises(ValueError, match="context length"):
         model.static_cache(1, ctx + 1)
+    with pytest.raises(ValueError, match="static cache of 8 slots"):
+        model.decode_step(torch.zeros(1, 1, dtype=torch.long), model.static_cache(1, 8), torch.tensor([8]))
 
 
 def test_bad_devices_dtypes_and_paths(synth, tmp_path):
