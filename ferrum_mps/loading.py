@@ -40,7 +40,11 @@ def _to_device(qt, device: torch.device):
         # Unified memory: read the file bytes straight into the MPS buffer, no staging copy.
         # Callers synchronize once before and after the whole loop.
         out = torch.empty(qt.raw.shape, dtype=torch.uint8, device=device)
-        host = torch.empty(0, dtype=torch.uint8).set_(torch.mps._host_alias_storage(out.untyped_storage()))
+        try:
+            alias = torch.mps._host_alias_storage(out.untyped_storage())
+        except RuntimeError:  # not a shared-storage MTLBuffer: let torch copy
+            return qt.to(device)
+        host = torch.empty(0, dtype=torch.uint8).set_(alias)
         host[: out.numel()].view(out.shape).copy_(qt.raw)
         return type(qt)(out, qt.qtype, qt.shape)
     return qt.to(device)
