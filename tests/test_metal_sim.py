@@ -509,6 +509,14 @@ kernel void oob_write(device float* o [[buffer(0)]], uint i [[thread_position_in
 kernel void divide(device int* o, constant int& d, uint i [[thread_position_in_grid]]) {
     o[i] = 100 / (d - int(i));
 }
+kernel void tg_overflow(device float* o, constant long& n, uint tid [[thread_index_in_threadgroup]]) {
+    threadgroup float small[8];
+    threadgroup float other[8];
+    small[tid] = 1.0f;
+    other[tid % 8] = 2.0f;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    o[tid] = small[tid % 8] + other[tid % 8] + float(n);
+}
 """
 
 
@@ -532,6 +540,29 @@ def test_out_of_bounds_access_raises_naming_kernel_thread_and_argument():
         lib.divide(r, 3, threads=8, group_size=8, arg_casts={1: "int32"})
     lib.oob_read(x, o, 0, threads=64, group_size=32)  # the process and the harness still work
     assert torch.equal(o, x)
+
+
+def test_endless_loop_times_out():
+    lib = compile_shader(HEADER + """
+kernel void spin(device uint* o, constant uint& n, uint i [[thread_position_in_grid]]) {
+    uint k = 0;
+    while (k != n) k += 2;  // never equal for odd n
+    o[i] = k;
+}""", timeout=1)
+    o = torch.zeros(1, dtype=torch.int32)
+    lib.spin(o, 1000, threads=1, group_size=1, arg_casts={1: "int32"})
+    assert o.item() == 1000
+    with pytest.raises(MetalSimError, match="still running after 1 s"):
+        lib.spin(o, 1001, threads=1, group_size=1, arg_casts={1: "int32"})
+
+
+def test_threadgroup_overflow_is_caught():
+    lib = compile_shader(BOUNDS)
+    o = torch.zeros(9)
+    lib.tg_overflow(o[:8], 0, threads=8, group_size=8)
+    assert o[:8].tolist() == [3.0] * 8
+    with pytest.raises(MetalSimError, match="past the end of threadgroup variable 'small'"):
+        lib.tg_overflow(o, 0, threads=9, group_size=9)
 
 
 ADDRESS_SPACES = HEADER + r"""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import operator
+import re
 import threading
 from typing import Any, Sequence
 
@@ -84,7 +85,7 @@ def _runtime() -> ctypes.CDLL:
             rt.msl_dispatch.restype = ctypes.c_int
             rt.msl_dispatch.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_uint32),
                                         ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(_Region), ctypes.c_int,
-                                        ctypes.c_char_p, ctypes.c_int]
+                                        ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
             rt.msl_guarded_alloc.restype = ctypes.c_void_p
             rt.msl_guarded_alloc.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(ctypes.c_void_p),
                                              ctypes.POINTER(ctypes.c_uint64)]
@@ -93,7 +94,9 @@ def _runtime() -> ctypes.CDLL:
         return _rt
 
 
-def compile_shader(source: str, *, bounds_check: bool = True, check_address_spaces: bool = True) -> "MetalLibrary":
+def compile_shader(
+    source: str, *, bounds_check: bool = True, check_address_spaces: bool = True, timeout: float = 300
+) -> "MetalLibrary":
     """Compile MSL `source` into a library whose kernels run on CPU tensors.
 
     bounds_check: every buffer is copied into its own mapping flanked by inaccessible
@@ -101,6 +104,7 @@ def compile_shader(source: str, *, bounds_check: bool = True, check_address_spac
     argument (instead of silently reading a neighbour or crashing).
     check_address_spaces: type-check device/threadgroup/constant like the Metal compiler
     (a separate clang pass, cached with the library).
+    timeout: CPU seconds after which a launch is aborted (an endless loop raises).
     """
     if not isinstance(source, str):
         raise TypeError(f"compile_shader expects the Metal source as str, got {type(source).__name__}")
@@ -108,7 +112,9 @@ def compile_shader(source: str, *, bounds_check: bool = True, check_address_spac
         source.encode("ascii")
     except UnicodeEncodeError as e:
         raise SyntaxError(f"Metal source must be pure ASCII (compile_shader rejects others): {e}") from None
-    return MetalLibrary(source, bounds_check=bounds_check, check_address_spaces=check_address_spaces)
+    lib = MetalLibrary(source, bounds_check=bounds_check, check_address_spaces=check_address_spaces)
+    lib.timeout = max(1, int(timeout))
+    return lib
 
 
 class MetalLibrary:
@@ -117,8 +123,10 @@ class MetalLibrary:
     def __init__(self, source: str, *, bounds_check: bool = True, check_address_spaces: bool = True):
         self._key, meta = translate_source(source, check=check_address_spaces)
         self._meta = {m["host"]: m for m in meta["entries"]}
+        self._tg_names = meta.get("tg_names", [])
         self._kernels: dict[str, tuple] = {}
         self.bounds_check = bounds_check
+        self.timeout = 300
 
     def _load(self, name: str):
         got = self._kernels.get(name)
@@ -133,7 +141,7 @@ class MetalLibrary:
         return got
 
     def __getattr__(self, name: str) -> "MetalKernel":
-        if name.startswith("_") or name == "bounds_check":
+        if name.startswith("_") or name in ("bounds_check", "timeout"):
             raise AttributeError(name)
         if name not in self._meta:
             raise AttributeError(f"no kernel named {name!r} in this library (kernels: {sorted(self._meta)})")
@@ -319,9 +327,15 @@ class MetalKernel:
             err = ctypes.create_string_buffer(4096)
             with _dispatch_lock:
                 rc = rt.msl_dispatch(self._entry.thunk, ptrs, (ctypes.c_uint32 * 3)(*threads3),
-                                     (ctypes.c_uint32 * 3)(*group3), arr, len(regions), err, 4096)
+                                     (ctypes.c_uint32 * 3)(*group3), arr, len(regions), err, 4096,
+                                     int(self._lib.timeout))
             if rc != 0:
-                raise MetalSimError(f"kernel {self.name}: {err.value.decode(errors='replace')}")
+                msg = err.value.decode(errors="replace")
+                names = self._lib._tg_names
+                msg = re.sub(r"threadgroup variable #(\d+)",
+                             lambda m: f"threadgroup variable '{names[int(m.group(1))]}'" if int(m.group(1)) < len(names)
+                             else m.group(0), msg)
+                raise MetalSimError(f"kernel {self.name}: {msg}")
             for host, dev, size in copy_back:
                 ctypes.memmove(host, dev, size)
         finally:

@@ -110,7 +110,8 @@ def _rounding_flags() -> list[str]:
 
 
 def _build_flags() -> list[str]:
-    flags = _common_flags() + _target_flags() + ["-O2", "-fPIC", "-shared"] + _rounding_flags()
+    # -fno-finite-loops: an endless loop must stay endless (and hit the watchdog), not vanish.
+    flags = _common_flags() + _target_flags() + ["-O2", "-fPIC", "-shared", "-fno-finite-loops"] + _rounding_flags()
     if toolchain()["zig"]:
         flags.append("-nostdlib++")
     if platform.system() == "Darwin":
@@ -215,12 +216,13 @@ def translate_source(source: str, check: bool = True) -> tuple[str, dict]:
         meta = json.loads(meta_path.read_text())
         if meta.get("checked") or not check:
             return key, meta
-    build_text, check_text, entries = translate(preprocess(source))
+    build_text, check_text, entries, tg_names = translate(preprocess(source))
     if check:
         check_address_spaces(check_text, key)
     (d / f"lib-{key}.cpp").write_text('#include "metal_sim.h"\n' + build_text)
     meta = {
         "checked": check,
+        "tg_names": tg_names,
         "entries": [
             {
                 "host": e.host,

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/time.h>
 #include <pthread.h>
 #include <unistd.h>
 
@@ -107,16 +108,17 @@ static char g_msg[2048];
 static sigjmp_buf g_jmp;
 static volatile sig_atomic_t g_in_dispatch;
 static pthread_t g_dispatch_thread;
-static struct sigaction g_old_actions[4];
+static struct sigaction g_old_actions[5];
 static volatile void* g_fault_addr;
 static volatile int g_fault_sig;
 static const MslRegion* g_regions;
 static int g_nregions;
-alignas(64) static unsigned char g_tg_arena[TG_LIMIT + 4096];
+alignas(64) static unsigned char g_tg_arena[2 * TG_LIMIT];
 static void* g_tg_slot[TG_SLOTS];
 static uint64_t g_tg_used;
 static char* g_altstack;
 static int g_in_fiber;
+static int g_watchdog_s;
 
 static void describe_thread(const MslThread* t, char* out, size_t n) {
     if (!t) {
@@ -178,23 +180,52 @@ static void api_fail(const char* msg) {
     __builtin_trap();
 }
 
+// Each threadgroup variable is followed by a red zone; a write past its end is caught at
+// the next barrier or at the end of the group.
+#define REDZONE 32
+static uint64_t g_tg_arena_used;
+static int g_tg_ids[TG_SLOTS];
+static uint64_t g_tg_size[TG_SLOTS];
+static int g_tg_n;
+
 static void* api_tg_alloc(int id, __msl_u64 size, __msl_u64 align) {
     if (id < 0 || id >= TG_SLOTS) api_fail("too many threadgroup variables");
     if (!g_tg_slot[id]) {
         if (align < 16) align = 16;
-        uint64_t off = (g_tg_used + align - 1) & ~(align - 1);
-        if (off + size > TG_LIMIT) {
+        uint64_t off = (g_tg_arena_used + align - 1) & ~(align - 1);
+        g_tg_used += size;
+        if (g_tg_used > TG_LIMIT || off + size + REDZONE > sizeof g_tg_arena) {
             char m[160];
             snprintf(m, sizeof m, "threadgroup memory exceeds the 32 KB limit (%llu bytes requested)",
-                     (unsigned long long)(off + size));
+                     (unsigned long long)g_tg_used);
             api_fail(m);
         }
         // Poison: uninitialised threadgroup memory reads as NaN (float/half) or all ones.
         memset(g_tg_arena + off, 0xFF, size);
+        memset(g_tg_arena + off + size, 0xA5, REDZONE);
         g_tg_slot[id] = g_tg_arena + off;
-        g_tg_used = off + size;
+        g_tg_size[id] = size;
+        g_tg_ids[g_tg_n++] = id;
+        g_tg_arena_used = off + size + REDZONE;
     }
     return g_tg_slot[id];
+}
+
+static int check_redzones(const char* when) {
+    for (int k = 0; k < g_tg_n; k++) {
+        int id = g_tg_ids[k];
+        const unsigned char* z = (const unsigned char*)g_tg_slot[id] + g_tg_size[id];
+        for (int b = 0; b < REDZONE; b++)
+            if (z[b] != 0xA5) {
+                snprintf(g_msg, sizeof g_msg,
+                         "threadgroup memory written out of bounds: byte %d past the end of threadgroup "
+                         "variable #%d (%llu bytes), found %s of threadgroup (%u,%u,%u)", b, id,
+                         (unsigned long long)g_tg_size[id], when, g_grid.tgpig[0], g_grid.tgpig[1], g_grid.tgpig[2]);
+                g_err = 1;
+                return 1;
+            }
+    }
+    return 0;
 }
 
 extern "C" MslApi* msl_api(void) {
@@ -299,8 +330,10 @@ static int run_group(void) {
     uint32_t n = g_grid.nthreads;
     MslThread* th = g_threads;
     for (uint32_t i = 0; i < n; i++) init_thread(&th[i], i);
-    memset(g_tg_slot, 0, sizeof g_tg_slot);
+    for (int k = 0; k < g_tg_n; k++) g_tg_slot[g_tg_ids[k]] = 0;
+    g_tg_n = 0;
     g_tg_used = 0;
+    g_tg_arena_used = 0;
     for (;;) {
         for (uint32_t i = 0; i < n; i++) {
             if (th[i].state != MSL_READY) continue;
@@ -333,7 +366,7 @@ static int run_group(void) {
             if (th[i].state == MSL_BARRIER && first_wait < 0) first_wait = (int)i;
             if (th[i].state == MSL_DONE && first_done < 0) first_done = (int)i;
         }
-        if (first_wait < 0) return 0;
+        if (first_wait < 0) return check_redzones("at the end");
         char a[256], b[256];
         if (first_done >= 0) {
             describe_thread(&th[first_done], a, sizeof a);
@@ -356,6 +389,7 @@ static int run_group(void) {
                 return 1;
             }
         }
+        if (check_redzones("at a threadgroup_barrier")) return 1;
         for (uint32_t i = 0; i < n; i++) th[i].state = MSL_READY;
     }
 }
@@ -365,8 +399,8 @@ static void on_fault(int sig, siginfo_t* si, void* ctx) {
     if (!g_in_dispatch || !pthread_equal(pthread_self(), g_dispatch_thread)) {
         // Not ours (another thread, or outside a launch): hand it to the previous handler
         // by reinstalling it; the faulting instruction runs again and reaches it.
-        const int sigs[4] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
-        for (int k = 0; k < 4; k++)
+        const int sigs[5] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGPROF};
+        for (int k = 0; k < 5; k++)
             if (sigs[k] == sig) sigaction(sig, &g_old_actions[k], 0);
         return;
     }
@@ -379,6 +413,11 @@ static void describe_fault(void) {
     char who[256];
     describe_thread(g_api.cur, who, sizeof who);
     char* addr = (char*)g_fault_addr;
+    if (g_fault_sig == SIGPROF) {
+        snprintf(g_msg, sizeof g_msg, "kernel still running after %d s of CPU time (endless loop?) in %s",
+                 g_watchdog_s, who);
+        return;
+    }
     if (g_fault_sig == SIGFPE) {
         snprintf(g_msg, sizeof g_msg, "arithmetic fault (integer division by zero?) in %s", who);
         return;
@@ -409,7 +448,7 @@ static void describe_fault(void) {
 
 // Runs the kernel over the grid. Returns 0, or 1 with a message in err.
 extern "C" int msl_dispatch(void (*thunk)(void**), void** bufs, const uint32_t* threads, const uint32_t* group,
-                            const MslRegion* regions, int nregions, char* err, int errlen) {
+                            const MslRegion* regions, int nregions, char* err, int errlen, int watchdog_s) {
     if (ensure_stacks() != 0) {
         snprintf(err, errlen, "metal_sim: cannot allocate fiber stacks");
         return 1;
@@ -439,12 +478,17 @@ extern "C" int msl_dispatch(void (*thunk)(void**), void** bufs, const uint32_t* 
     struct sigaction sa;
     struct sigaction* old = g_old_actions;
     g_dispatch_thread = pthread_self();
-    const int sigs[4] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
+    const int sigs[5] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGPROF};
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_fault;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
     sigemptyset(&sa.sa_mask);
-    for (int k = 0; k < 4; k++) sigaction(sigs[k], &sa, &old[k]);
+    for (int k = 0; k < 5; k++) sigaction(sigs[k], &sa, &old[k]);
+    struct itimerval watchdog, old_timer;
+    memset(&watchdog, 0, sizeof watchdog);
+    g_watchdog_s = watchdog_s;
+    watchdog.it_value.tv_sec = watchdog_s;
+    setitimer(ITIMER_PROF, &watchdog, &old_timer);
 
     int rc = 0;
     if (sigsetjmp(g_jmp, 1)) {
@@ -471,7 +515,8 @@ extern "C" int msl_dispatch(void (*thunk)(void**), void** bufs, const uint32_t* 
                 }
         g_in_dispatch = 0;
     }
-    for (int k = 0; k < 4; k++) sigaction(sigs[k], &old[k], 0);
+    setitimer(ITIMER_PROF, &old_timer, 0);
+    for (int k = 0; k < 5; k++) sigaction(sigs[k], &old[k], 0);
     sigaltstack(&old_ss, 0);
     g_api.cur = 0;
     if (rc) snprintf(err, errlen, "%s", g_msg[0] ? g_msg : "kernel failed");

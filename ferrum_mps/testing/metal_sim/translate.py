@@ -281,10 +281,10 @@ def _find_kernels(s: str):
     return defs, insts, edits, templated
 
 
-def translate(pre: str) -> tuple[str, str, list[Entry]]:
+def translate(pre: str) -> tuple[str, str, list[Entry], list[str]]:
     """Rewrite preprocessed MSL into C++ to follow the prelude.
 
-    Returns (build text, check text, entries): the build text has no explicit
+    Returns (build text, check text, entries, threadgroup variable names by id): the build text has no explicit
     instantiations (append `entry_code([e])` to build kernel e alone); the check text
     keeps them, for the address-space pass to instantiate every kernel.
     """
@@ -298,13 +298,14 @@ def translate(pre: str) -> tuple[str, str, list[Entry]]:
     s = _FLOAT_RE.sub(_float_literal, s)
     s = _VEC_RE.sub(lambda m: f"__msl_make<{m.group(1)}>(", s)
     s = _rewrite_casts(s)
-    tg_counter = iter(range(10**6))
+    tg_names: list[str] = []
 
     def tg(m: re.Match) -> str:
         t = f"{m.group(1)} {m.group(3).strip()}"
+        tg_names.append(m.group(2))
         return (
             f"__msl_tgref<threadgroup {t}> {m.group(2)} = *(__msl_tgptr<threadgroup {t}>)"
-            f"__msl_api->tg_alloc({next(tg_counter)}, sizeof({t}), alignof({t}));"
+            f"__msl_api->tg_alloc({len(tg_names) - 1}, sizeof({t}), alignof({t}));"
         )
 
     s = _TG_DECL_RE.sub(tg, s)
@@ -331,7 +332,7 @@ def translate(pre: str) -> tuple[str, str, list[Entry]]:
     for a, b, rep in sorted(edits, reverse=True):
         build = build[:a] + rep + build[b:]
     strip = lambda t: _ATTR_RE.sub(lambda m: m.group(0) if m.group(1).strip() in _KEEP_ATTRS else " ", t)  # noqa: E731
-    return strip(build), strip(s), entries
+    return strip(build), strip(s), entries, tg_names
 
 
 def entry_code(entries: list[Entry]) -> str:
