@@ -70,6 +70,7 @@ _CASTS = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
 }
 _rt = None
 _rt_lock = threading.Lock()
@@ -235,7 +236,8 @@ class MetalKernel:
                 "pass a tensor (or declare a `constant T&` reference)"
             )
         kind, size = _DTYPE_KIND[dtype]
-        if info.kind != 3 and not (kind == info.kind or {kind, info.kind} <= {0, 1}):
+        if info.kind != 3 and not (kind == info.kind or {kind, info.kind} <= {0, 1} or
+                                   ({kind, info.kind} <= {0, 1, 4} and size == 1)):
             raise TypeError(
                 f"kernel {self.name}: Python {type(v).__name__} (bound as {dtype}) given for {self._describe(p, i)}: "
                 "MPS would reinterpret its bytes; convert it or use arg_casts"

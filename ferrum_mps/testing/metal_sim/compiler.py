@@ -43,6 +43,8 @@ def toolchain() -> dict:
     env = os.environ.get("FERRUM_METAL_SIM_CXX")
     if env:
         argv = shlex.split(env)
+        if len(argv) == 2 and Path(argv[0]).name.startswith("zig") and argv[1] in ("c++", "cc"):
+            return {"build": argv, "front": [argv[0], "clang"], "id": _version(argv), "zig": True}
         return {"build": argv, "front": argv, "id": _version(argv), "zig": False}
     try:
         import ziglang
@@ -67,7 +69,10 @@ def toolchain() -> dict:
 
 
 def _version(argv: list[str]) -> str:
-    out = subprocess.run(argv + ["--version"], capture_output=True, text=True, timeout=120)
+    try:
+        out = subprocess.run(argv + ["--version"], capture_output=True, text=True, timeout=120)
+    except OSError as e:
+        raise CompilerNotFound(f"metal_sim: cannot run the C++ compiler {argv} (FERRUM_METAL_SIM_CXX?): {e}") from None
     return (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else " ".join(argv)
 
 
