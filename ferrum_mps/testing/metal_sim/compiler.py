@@ -124,6 +124,13 @@ def _build_flags() -> list[str]:
     return flags
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a private temporary file: parallel test processes share the cache."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _run(argv: list[str], what: str, stdin: str | None = None) -> str:
     r = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
@@ -191,7 +198,7 @@ def check_address_spaces(check_text: str, key: str) -> None:
     pointer passed where a threadgroup pointer is expected, a write through constant.
     """
     path = cache_dir() / f"lib-{key}-check.cpp"
-    path.write_text('#include "metal_sim.h"\n' + check_text)
+    _write_atomic(path, '#include "metal_sim.h"\n' + check_text)
     r = subprocess.run(
         toolchain()["front"] + ["-fsyntax-only", "-ferror-limit=0", "-D__MSL_CHECK_AS", "-I", str(HERE), "-x", "c++"]
         + _common_flags() + [str(path)],
@@ -224,7 +231,7 @@ def translate_source(source: str, check: bool = True) -> tuple[str, dict]:
     build_text, check_text, entries, tg_names = translate(preprocess(source))
     if check:
         check_address_spaces(check_text, key)
-    (d / f"lib-{key}.cpp").write_text('#include "metal_sim.h"\n' + build_text)
+    _write_atomic(d / f"lib-{key}.cpp", '#include "metal_sim.h"\n' + build_text)
     meta = {
         "checked": check,
         "tg_names": tg_names,
@@ -240,9 +247,7 @@ def translate_source(source: str, check: bool = True) -> tuple[str, dict]:
             for e in entries
         ]
     }
-    tmp = meta_path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, meta_path)
+    _write_atomic(meta_path, json.dumps(meta))
     return key, meta
 
 
@@ -255,7 +260,7 @@ def build_kernel(key: str, meta_entry: dict) -> Path:
     base = (d / f"lib-{key}.cpp").read_text()
     e = _entry_from_meta(meta_entry)
     cpp = d / f"lib-{key}-{e.index}.cpp"
-    cpp.write_text(base + "\n" + entry_code([e]))
+    _write_atomic(cpp, base + "\n" + entry_code([e]))
     tmp = so.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     _run(toolchain()["build"] + _build_flags() + ["-I", str(HERE), "-x", "c++", str(cpp), "-o", str(tmp)],
          f"compiling kernel {e.host!r} (translated C++ kept at {cpp})")
