@@ -19,6 +19,8 @@ from .. import quants, shaders
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _IDS = (torch.int32, torch.int64)
+# Inductor hands these ops contiguous inputs (the Metal kernels ignore strides).
+_TAGS = (torch.Tag.needs_contiguous_strides,)
 # Bytes of dequantized float32 expert weights the CPU implementations hold at once.
 _CPU_CHUNK_BYTES = 96 << 20
 
@@ -164,7 +166,7 @@ def _grouped_mm(xs: Tensor, w: Tensor, sizes: list[int]) -> Tensor:
 # ---------------------------------------------------------------------------- moe_route
 
 
-@torch.library.custom_op("ferrum::moe_route", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("ferrum::moe_route", mutates_args=(), device_types="cpu", tags=_TAGS)
 def moe_route(router_logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
     """Softmax (float32) over experts, top-k (torch.topk order), renormalised when `normalize`.
 
@@ -191,7 +193,7 @@ def _(router_logits, top_k, normalize):
 # ---------------------------------------------------------------------------- moe_qlinear
 
 
-@torch.library.custom_op("ferrum::moe_qlinear", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("ferrum::moe_qlinear", mutates_args=(), device_types="cpu", tags=_TAGS)
 def moe_qlinear(x: Tensor, ids: Tensor, experts_raw: Tensor, qtype: int, out_features: int, in_features: int) -> Tensor:
     """y[t, s] = x[t] (or x[t, s]) @ W[ids[t, s]].T for each pair; W are the quantized expert matrices."""
     T, k, E = _check_qlinear(x, ids, experts_raw, qtype, out_features, in_features)
@@ -218,7 +220,7 @@ def _(x, ids, experts_raw, qtype, out_features, in_features):
 # ---------------------------------------------------------------------------- moe_ffn
 
 
-@torch.library.custom_op("ferrum::moe_ffn", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("ferrum::moe_ffn", mutates_args=(), device_types="cpu", tags=_TAGS)
 def moe_ffn(
     x: Tensor,
     weights: Tensor,
