@@ -182,10 +182,11 @@ def test_ffn_half(metal_device, stacks, T, dtype):
 
 
 @pytest.mark.parametrize("T", [3, 40])
-def test_ffn_skips_bad_ids(metal_device, stacks, T):
+def test_ffn_skips_bad_ids_and_handles_repeats(metal_device, stacks, T):
     raws, qs, H, inter = stacks("q8_0", 8)
     x = torch.randn(T, H)
     w, ids = ops.moe_route(torch.randn(T, 8), 2, True)
+    ids[1, 1] = ids[1, 0]  # a token picking one expert twice is just two pairs
     bad, w0 = ids.clone(), w.clone()
     bad[0, 0], bad[T - 1, 1] = 8, -5
     w0[0, 0] = w0[T - 1, 1] = 0  # the reference: those pairs weigh nothing
