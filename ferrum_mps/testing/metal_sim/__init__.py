@@ -9,6 +9,13 @@ CPU tensors stand in for MPS tensors. The source is translated to C++, compiled 
 threadgroup's threads run as cooperative fibers so barriers and simd operations behave
 as on the GPU. Where MPS would silently misbehave (a non-contiguous tensor, an int bound
 to a `constant float&`, an out-of-bounds access) this raises instead.
+
+Limits (what fibers on a CPU cannot show): races and memory ordering between threads,
+the hardware's simdgroup-matrix lane layout, fast-math/fma differences, speed. Vector
+comparisons give clang masks (-1/0 ints), not Metal bool vectors: `select`, `all`,
+`any` and `if` work, but converting a comparison to a number (`float4(a < b)`) gives -1
+where Metal gives 1. A simd operation inside a helper function called from both branches
+of a divergent `if` sees the lanes of both branches (call sites are source positions).
 """
 
 from __future__ import annotations
