@@ -348,6 +348,7 @@ kernel void casts(device const int4* v, device float4* o, device int4* bits, uin
     bits[i] = as_type<int4>(float4(x));
     uchar4 u = uchar4(x & 0xff);
     bits[i].x += int(u.w);
+    bits[i].y += int(dot(float4(x > 0), float4(1000)));  // a comparison converts to 1/0, not -1/0
 }
 kernel void math(device const float* x, device float* o, uint i [[thread_position_in_grid]]) {
     float v = x[i];
@@ -443,6 +444,7 @@ def test_vector_casts_convert(num):
     assert torch.equal(o[:, 3], (f * 0.001).half().float())
     want_bits = f.view(torch.int32).clone()
     want_bits[:, 0] += (v[:, 3] & 0xFF)
+    want_bits[:, 1] += 1000 * (v > 0).sum(1).to(torch.int32)
     assert torch.equal(bits, want_bits)  # as_type reinterprets
 
 

@@ -164,6 +164,11 @@ template <class To, class From> __MSLI To __msl_cv(From x) {
         return __builtin_convertvector(x, To);
     }
 }
+// Converting a comparison: clang's vector masks are -1/0, Metal's bool vectors give 1/0.
+template <class To, class From> __MSLI To __msl_cvb(From x) {
+    if constexpr (__vt<From>::n == 1) return __msl_cv<To>(x);
+    else return __msl_cv<To>(x & (From)(__elem_t<From>)1);
+}
 template <class E, class A> __MSLI void __msl_put(E* buf, int& i, A a) {
     if constexpr (__vt<A>::n == 1) buf[i++] = (E)a;
     else

@@ -169,6 +169,32 @@ def _rewrite_casts(s: str) -> str:
     return s
 
 
+_CMP_RE = re.compile(r"==|!=|<=|>=|\s<\s|\s>\s")
+
+
+def _top_level(text: str) -> str:
+    """`text` with everything inside brackets blanked out."""
+    out, depth = [], 0
+    for c in text:
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        out.append(c if depth == 0 else " ")
+    return "".join(out)
+
+
+def _bool_conversions(s: str) -> str:
+    # Vector comparisons give clang masks (-1/0); Metal converts its bool vectors to 1/0.
+    for m in reversed(list(re.finditer(r"__msl_(?:make|cv)<(\w+)>\(", s))):
+        end = _match(s, m.end() - 1, "(", ")")
+        arg = s[m.end() : end - 1]
+        top = _top_level(arg)
+        if "," not in top and _CMP_RE.search(" " + top + " "):
+            s = s[: m.start()] + f"__msl_cvb<{m.group(1)}>(" + s[m.end() :]
+    return s
+
+
 def _float_literal(m: re.Match) -> str:
     num, suffix = m.group(1), m.group(2)
     if suffix in ("h", "H"):
@@ -298,6 +324,7 @@ def translate(pre: str) -> tuple[str, str, list[Entry], list[str]]:
     s = _FLOAT_RE.sub(_float_literal, s)
     s = _VEC_RE.sub(lambda m: f"__msl_make<{m.group(1)}>(", s)
     s = _rewrite_casts(s)
+    s = _bool_conversions(s)
     tg_names: list[str] = []
 
     def tg(m: re.Match) -> str:
