@@ -12,9 +12,9 @@ to a `constant float&`, an out-of-bounds access) this raises instead.
 
 Limits (what fibers on a CPU cannot show): races and memory ordering between threads,
 the hardware's simdgroup-matrix lane layout, fast-math/fma differences, speed. Vector
-comparisons give clang masks (-1/0 ints), not Metal bool vectors: `select`, `all`,
-`any` and `if` work, but converting a comparison to a number (`float4(a < b)`) gives -1
-where Metal gives 1. A simd operation inside a helper function called from both branches
+comparisons give clang masks (-1/0 ints), not Metal bool vectors: `select`, `all`, `any`
+and conversions written around the comparison (`float4(a < b)`) behave as in Metal, but
+`bool4 m = a < b;` does not compile and arithmetic on a stored mask sees -1. A simd operation inside a helper function called from both branches
 of a divergent `if` sees the lanes of both branches (call sites are source positions).
 """
 
