@@ -24,14 +24,14 @@ import ctypes
 import operator
 import re
 import threading
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from .compiler import CompilerNotFound, build_kernel, runtime_library, translate_source
 from .translate import MetalTranslationError
 
-__all__ = ["compile_shader", "MetalSimError", "MetalLibrary", "MetalKernel", "CompilerNotFound"]
+__all__ = ["compile_shader", "MetalSimError", "MetalLibrary", "MetalKernel", "CompilerNotFound", "MetalTranslationError"]
 
 
 class MetalSimError(RuntimeError):

@@ -10,7 +10,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 import threading
 from functools import lru_cache
 from pathlib import Path
