@@ -128,6 +128,7 @@ def test_cli_bad_input_is_a_clear_error(args, message, synthetic, capsys):
     assert re.search(message, err), err[-2000:]
 
 
+@pytest.mark.timeout(1800)  # two Gemma tokenizer builds (~25-75 s each) + CPU forwards on a shared box
 def test_cli_default_model_is_the_embedded_gemma(gemma_gguf_path):
     # No --model: the embedded Gemma-3-270M Q4_K_M. Runs while the reference computes in-process.
     prompt, n = "The capital of France is", 2
