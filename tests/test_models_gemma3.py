@@ -39,6 +39,7 @@ def model(gemma_gguf_path):
 @pytest.fixture(scope="module")
 def ref(gguf_file):
     from transformers import Gemma3ForCausalLM as HFGemma3, Gemma3TextConfig
+    from transformers.initialization import no_init_weights
 
     md, a = gguf_file.metadata, "gemma3."
     cfg = Gemma3TextConfig(
@@ -50,7 +51,8 @@ def ref(gguf_file):
         max_position_embeddings=md[a + "context_length"], tie_word_embeddings=True,
         bos_token_id=2, eos_token_id=1, pad_token_id=0,
     )
-    hf = HFGemma3(cfg)
+    with no_init_weights():  # every weight is overwritten below
+        hf = HFGemma3(cfg)
     sd = {}
     for name, qt in gguf_file.tensors.items():
         w = torch.from_numpy(gguf.quants.dequantize(qt.raw.numpy(), qt.qtype).reshape(qt.shape).astype(np.float32))
