@@ -196,3 +196,24 @@ def test_whole_model_on_the_metal_path_equals_cpu_ops(synth, metal_device, dtype
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.logits.cpu().float(), want.logits.float(), atol=tol, rtol=0)
     torch.testing.assert_close(got_step.cpu().float(), want_step.float(), atol=tol, rtol=0)
+
+
+def test_dense_layers_inside_a_moe_model():
+    """A block with ffn_gate/up/down instead of a router + experts (transformers' mlp_only_layers).
+
+    transformers 5.23's GGUF loader leaves such dense blocks randomly initialised (reported MISSING),
+    so the reference is its Qwen3MoeForCausalLM on the file's tensors dequantized by gguf-py.
+    """
+    from transformers import Qwen3MoeForCausalLM as HFQwen3Moe
+
+    from ferrum_mps.testing.synthetic import dequantized_hf_state_dict
+
+    synth = synthetic_gguf("qwen3moe", mlp_only_layers=[0])
+    model = loading.load_model(synth.path, device="cpu", progress=False)
+    assert model.config.mlp_only_layers == [0] and not isinstance(model.layers[0].mlp, FusedMoE)
+    assert isinstance(model.layers[1].mlp, FusedMoE)
+    ref = HFQwen3Moe(synth.config).eval()
+    ref.load_state_dict(dequantized_hf_state_dict(synth.path, synth.config), strict=True)
+    ids = prompt(9, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-3, rtol=0)
