@@ -41,13 +41,17 @@ def _rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _model_path(name: str):
+def _model_path(name: str, moe_gguf: str | None = None):
     if name == "gemma":
         from ferrum_mps.default_model import default_model_path
 
         return default_model_path(), None
+    from pathlib import Path
+
     from ferrum_mps.testing import synthetic as S
 
+    if moe_gguf:  # a file written earlier (the cache key follows quants.py, which may have changed since)
+        return Path(moe_gguf), S.qwen3_30b_a3b_config(2, full_vocab=False)
     m = S.synthetic_gguf(S.qwen3_30b_a3b_config(2, full_vocab=False), unique_rows=1024, unique_experts=4,
                          progress=True)
     return m.path, m.config
@@ -70,12 +74,13 @@ class _Clock:
         pass
 
 
-def worker(name: str, impl: str, device: str, prompt_len: int, decode: int, threads: int | None) -> dict:
+def worker(name: str, impl: str, device: str, prompt_len: int, decode: int, threads: int | None,
+           moe_gguf: str | None = None) -> dict:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    path, config = _model_path(name)
+    path, config = _model_path(name, moe_gguf)
     rss0 = _rss()
     t0 = time.perf_counter()
     if impl == "ferrum":
@@ -113,21 +118,23 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=16, help="decode steps timed (after the first new token)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--moe-gguf", help="use this already written qwen3moe-a3b file instead of the cached one")
     p.add_argument("--worker", nargs=3, metavar=("MODEL", "IMPL", "DEVICE"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        print(json.dumps(worker(*a.worker, a.prompt, a.decode, a.threads)))
+        print(json.dumps(worker(*a.worker, a.prompt, a.decode, a.threads, a.moe_gguf)))
         return
     import torch
 
     devices = a.devices or (["cpu"] + (["mps"] if torch.backends.mps.is_available() else []))
     rows = []
     for name in a.models:
-        _model_path(name)  # write / assemble the file once, before any timing
+        _model_path(name, a.moe_gguf)  # write / assemble the file once, before any timing
         for device in devices:
             for impl in IMPLS:
                 cmd = [sys.executable, __file__, "--worker", name, impl, device, "--prompt", str(a.prompt),
                        "--decode", str(a.decode)] + (["--threads", str(a.threads)] if a.threads else [])
+                cmd += ["--moe-gguf", a.moe_gguf] if a.moe_gguf else []
                 r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
                 if r.returncode != 0:
                     print(f"{name} {impl} {device}: FAILED\n{r.stderr[-2000:]}", file=sys.stderr)
