@@ -20,7 +20,7 @@ from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 Q = GGMLQuantizationType
 
 __all__ = [
-    "check_qtype", "row_nbytes", "dequantize_raw", "quantize", "DEQUANT_TYPES", "QUANT_TYPES", "UnsupportedQuantization",
+    "check_qtype", "row_nbytes", "dequantize_raw", "code_planes", "plane_layout", "quantize", "DEQUANT_TYPES", "QUANT_TYPES", "UnsupportedQuantization",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -233,6 +233,181 @@ _DEQUANT: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
     Q.IQ4_XS: _deq_iq4_xs,
 }
 DEQUANT_TYPES = tuple(_DEQUANT)
+
+
+# ---------------------------------------------------------------------------
+# code planes: the decode-path qlinear's view of a format (ferrum_mps.ops.linear).
+#
+# code_planes(b3, qt) splits a chunk of blocks b3 [rows, blocks, type_size] into
+# integer "planes" [rows, blocks, w] plus per-block scales, such that
+#     value[e] = scale[g(e)] * sum_planes factor * code[position of e] - bias[g(e)]
+# PLANE_LAYOUT[qt] gives, per plane, the element of the block each of its w positions
+# holds (-1: none, the position is ignored: the caller's x is 0 there) and its factor.
+# The planes are cheap to make: whole contiguous blocks where the codes are bytes or
+# nibbles (header bytes included, ignored: no 16-wide strided rows, which torch runs
+# slowly), natural element order for the 256-value formats. scale/bias are float32
+# [rows, blocks, groups]; bias None when 0; group g(e) = e // (block / groups).
+
+
+def _nib_planes(b3, off: int):
+    return [b3 & 0x0F, b3 >> 4], off
+
+
+_SPREAD, _BIT_S = 0x0101010101010101, 0x8040201008040201 - (1 << 64)
+
+
+def _bits_spread(qh):
+    """[r, n, k] bytes -> uint8 [r, n, 8k]: bit s of byte t, times 2^s, at 8t + s.
+
+    One int64 multiply copies each byte into all 8 bytes of a word (wrapping mod 2^64),
+    one mask keeps bit s in byte s: 3 contiguous ops where shifting bit by bit is 16
+    (torch runs broadcast shifts/ands ~10x slower than scalar ones). Plane layouts
+    fold the 2^-s back into the factors.
+    """
+    r, n, k = qh.shape
+    return ((qh.to(torch.int64) * _SPREAD) & _BIT_S).view(torch.uint8).view(r, n, 8 * k)
+
+
+def _f16_3(b3, i: int):
+    """The fp16 at byte i of every block as float32 [r, n, 1]."""
+    if b3.storage_offset() % 2 == 0:  # read it in place: copying 2-byte columns out is slow
+        return b3.view(torch.float16)[:, :, i // 2 : i // 2 + 1].to(torch.float32)
+    return b3[:, :, i : i + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _cp_q4_0(b3):
+    d = _f16_3(b3, 0)
+    return [b3 & 0x0F, b3 >> 4], d, d * 8
+
+
+def _cp_q4_1(b3):
+    return [b3 & 0x0F, b3 >> 4], _f16_3(b3, 0), -_f16_3(b3, 2)
+
+
+def _cp_q5_0(b3):
+    d = _f16_3(b3, 0)
+    return [b3 & 0x0F, b3 >> 4, _bits_spread(b3[:, :, 2:6])], d, d * 16
+
+
+def _cp_q5_1(b3):
+    return [b3 & 0x0F, b3 >> 4, _bits_spread(b3[:, :, 4:8])], _f16_3(b3, 0), -_f16_3(b3, 2)
+
+
+def _cp_q8_0(b3):
+    return [b3.view(torch.int8)], _f16_3(b3, 0), None
+
+
+def _or_shifted(u: torch.Tensor, src: torch.Tensor, shift: int, mask: int) -> None:
+    """u |= (src >> shift) & mask moved to bits 4+ (scalar shifts only: torch vectorises those)."""
+    t = src << (4 - shift) if shift <= 4 else src >> (shift - 4)
+    u.bitwise_or_(t & (mask << 4))
+
+
+def _k256(b3, qs: int):
+    """Q4_K/Q5_K low nibbles in natural order: uint8 [r, n, 256]."""
+    r, n = b3.shape[:2]
+    q = b3[:, :, qs : qs + 128].view(r, n, 4, 32)
+    u = torch.empty(r, n, 4, 2, 32, dtype=torch.uint8, device=b3.device)
+    u[:, :, :, 0].copy_(q & 0x0F)
+    u[:, :, :, 1].copy_(q >> 4)
+    return u.view(r, n, 256)
+
+
+def _k_scales3(b3):
+    r, n = b3.shape[:2]
+    dl, ml = _k_min_scales(b3.reshape(r * n, -1))
+    return dl.view(r, n, 8), ml.view(r, n, 8)
+
+
+def _cp_q4_k(b3):
+    return [_k256(b3, 16)], *_k_scales3(b3)
+
+
+def _cp_q5_k(b3):
+    r, n = b3.shape[:2]
+    u = _k256(b3, 48)
+    qh, v = b3[:, :, 16:48], u.view(r, n, 8, 32)
+    for s in range(8):  # bit s of qh byte j -> high bit of value 32 s + j
+        _or_shifted(v[:, :, s], qh, s, 1)
+    return [u], *_k_scales3(b3)
+
+
+def _cp_q6_k(b3):
+    r, n = b3.shape[:2]
+    ql, qh = b3[:, :, :128].view(r, n, 2, 64), b3[:, :, 128:192].view(r, n, 2, 32)
+    u = torch.empty(r, n, 2, 2, 64, dtype=torch.uint8, device=b3.device)
+    u[:, :, :, 0].copy_(ql & 0x0F)
+    u[:, :, :, 1].copy_(ql >> 4)
+    v = u.view(r, n, 2, 4, 32)
+    for i in range(4):  # 2-bit field i of qh byte j -> high bits of value 128 h + 32 i + j
+        _or_shifted(v[:, :, :, i], qh, 2 * i, 3)
+    dl = _f16_3(b3, 208) * b3[:, :, 192:208].view(torch.int8).to(torch.float32)
+    return [u.view(r, n, 256)], dl, dl * 32
+
+
+def _cp_q2_k(b3):
+    r, n = b3.shape[:2]
+    qs = b3[:, :, 16:80].view(r, n, 2, 32)
+    u = torch.empty(r, n, 2, 4, 32, dtype=torch.uint8, device=b3.device)
+    for i in range(4):
+        u[:, :, :, i].copy_((qs >> 2 * i) & 3)
+    sc = b3[:, :, :16]
+    dl = _f16_3(b3, 80) * (sc & 0x0F).to(torch.float32)
+    ml = _f16_3(b3, 82) * (sc >> 4).to(torch.float32)
+    return [u.view(r, n, 256)], dl, ml
+
+
+def _cp_generic(qt):
+    fn = _DEQUANT[qt]
+
+    def f(b3):
+        r, n = b3.shape[:2]
+        scale, q, offset = fn(b3.reshape(r * n, -1))
+        g = scale.shape[1]
+        return [q.reshape(r, n, -1)], scale.view(r, n, g), None if offset is None else offset.view(r, n, g)
+
+    return f
+
+
+def _layout(size: int, *parts):
+    """Plane layouts: parts = (byte offset of the first code, elements, factor) per plane, over whole blocks."""
+    out = []
+    for off, elems, factor in parts:
+        e = [-1] * off + list(elems)
+        out.append((e + [-1] * (size - len(e)) if len(e) < size else e, factor))
+    return out
+
+
+_BITS_Q5 = (list(range(32)), [16 / (1 << s) for _ in range(4) for s in range(8)])  # _bits_spread's 2^s undone
+_CODE_PLANES = {
+    Q.Q4_0: (_cp_q4_0, _layout(18, (2, range(16), 1), (2, range(16, 32), 1))),
+    Q.Q4_1: (_cp_q4_1, _layout(20, (4, range(16), 1), (4, range(16, 32), 1))),
+    Q.Q5_0: (_cp_q5_0, _layout(22, (6, range(16), 1), (6, range(16, 32), 1)) + [_BITS_Q5]),
+    Q.Q5_1: (_cp_q5_1, _layout(24, (8, range(16), 1), (8, range(16, 32), 1)) + [_BITS_Q5]),
+    Q.Q8_0: (_cp_q8_0, _layout(34, (2, range(32), 1))),
+    Q.Q2_K: (_cp_q2_k, [(list(range(256)), 1)]),
+    Q.Q4_K: (_cp_q4_k, [(list(range(256)), 1)]),
+    Q.Q5_K: (_cp_q5_k, [(list(range(256)), 1)]),
+    Q.Q6_K: (_cp_q6_k, [(list(range(256)), 1)]),
+}
+
+
+def plane_layout(qtype) -> list[tuple[list[int], float | list[float]]]:
+    """Per plane of code_planes: (element of the block at each position, -1 for none; factor, or one per position)."""
+    qt = check_qtype(qtype)
+    if qt in (Q.F32, Q.F16, Q.BF16):
+        raise ValueError(f"{qt.name} is a float format: it has no integer codes")
+    if qt not in _CODE_PLANES:
+        block = GGML_QUANT_SIZES[qt][0]
+        _CODE_PLANES[qt] = (_cp_generic(qt), [(list(range(block)), 1)])
+    return _CODE_PLANES[qt][1]
+
+
+def code_planes(b3: torch.Tensor, qtype):
+    """Blocks b3 (uint8 [rows, blocks, type_size]) -> (planes, scale, bias): see plane_layout."""
+    plane_layout(qtype)
+    return _CODE_PLANES[check_qtype(qtype)][0](b3)
+
 
 # Values per dequantization step: big enough to amortise op dispatch, small enough
 # that the uint8/float32 temporaries stay in cache.

@@ -80,24 +80,48 @@ def test_qlinear_low_precision_activations(qt, dtype):
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
-def test_qlinear_works_in_row_chunks(monkeypatch):
-    """A small batch never dequantizes the whole weight at once."""
+@pytest.mark.parametrize("m", [1, 17])
+def test_qlinear_works_in_row_chunks(monkeypatch, m):
+    """Neither path dequantizes the whole weight at once (m = 1: decode path's codes; m = 17: dequantize_raw)."""
     out_f, in_f = 100, 256
     raw = random_raw(Q.Q6_K, out_f, in_f, seed=3)
-    x = torch.randn(1, in_f)
+    x = torch.randn(m, in_f)
     full = torch.ops.ferrum.qlinear(x, raw, int(Q.Q6_K), out_f, in_f)
     seen = []
-    real = L.quants.dequantize_raw
+    name = "code_planes" if m <= L._SMALL_M else "dequantize_raw"
+    real = getattr(L.quants, name)
 
     def spy(r, *a, **k):
         seen.append(r.numel())
         return real(r, *a, **k)
 
     monkeypatch.setattr(L, "_CPU_CHUNK_VALUES", 16 * in_f)
-    monkeypatch.setattr(L.quants, "dequantize_raw", spy)
+    monkeypatch.setattr(L, "_SMALL_CHUNK_VALUES", 16 * in_f)
+    monkeypatch.setattr(L.quants, name, spy)
     chunked = torch.ops.ferrum.qlinear(x, raw, int(Q.Q6_K), out_f, in_f)
     assert len(seen) == 7 and max(seen) == 16 * raw.shape[1]
-    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
+    ref = x.double() @ gguf_dequant(raw, Q.Q6_K, out_f, in_f).double().T
+    torch.testing.assert_close(chunked.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("qt", QUANT_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 17])
+def test_qlinear_decode_path_matches_reference(qt, m):
+    """m <= 16 takes the decode path (codes * block scale, offsets via group sums of x); 17 the dequantize path."""
+    block = gguf.GGML_QUANT_SIZES[qt][0]
+    out_f, in_f = 37, 2 * block if block == 256 else 5 * block  # odd rows: chunks with a ragged tail
+    raw = random_raw(qt, out_f, in_f, seed=10 + m)
+    x = torch.randn(m, in_f) + 0.5  # a mean != 0: the offset term matters
+    ref = x.double() @ gguf_dequant(raw, qt, out_f, in_f).double().T
+    for chunk in (L._SMALL_CHUNK_VALUES, 3 * in_f):
+        L_chunk, L._SMALL_CHUNK_VALUES = L._SMALL_CHUNK_VALUES, chunk
+        try:
+            y = torch.ops.ferrum.qlinear(x, raw, int(qt), out_f, in_f)
+        finally:
+            L._SMALL_CHUNK_VALUES = L_chunk
+        assert y.shape == (m, out_f) and y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("qt", [Q.Q4_K, Q.Q6_K, Q.Q5_0, Q.F32, Q.BF16], ids=lambda q: q.name)

@@ -44,6 +44,12 @@ _TAGS = (torch.Tag.needs_contiguous_strides,)
 # full float32 copy of a big weight (e.g. a 262k x 640 output embedding), and a
 # chunk stays cache-sized.
 _CPU_CHUNK_VALUES = 1 << 20
+# Up to this many rows of x, CPU qlinear takes the decode path (_qlinear_small); beyond it
+# the matmul dominates and dequantize-then-matmul in big chunks wins.
+_SMALL_M = 16
+# Weight values per chunk of the decode path: each float32 plane (1 MiB) stays in L2
+# and the ~10 torch ops per chunk amortise their dispatch (measured: 2^16 is 2x slower).
+_SMALL_CHUNK_VALUES = 1 << 18
 
 
 # ---------------------------------------------------------------------------
@@ -130,6 +136,56 @@ def _dequant_rows(raw2: torch.Tensor, qt: GGMLQuantizationType, cols: int) -> to
     return quants.dequantize_raw(raw2, qt, cols, torch.float32)
 
 
+def _qlinear_small(xf: torch.Tensor, raw: torch.Tensor, qt: GGMLQuantizationType, n: int, k: int) -> torch.Tensor:
+    """xf [m, k] float32 (m small) @ W.T for quantized W, one cache-sized row chunk at a time.
+
+    At small m the dequantization passes, not the matmul, are the cost, so each chunk
+    takes the fewest full-size passes torch runs fast: integer code planes
+    (quants.code_planes: contiguous bit twiddling, whole blocks with their header
+    bytes) -> one float32 copy -> one multiply by the block scale -> one matmul with x
+    laid out like the plane (zeros under header bytes, factors like 16 for high bits
+    folded in). The formats' offsets (Q4_0's -8, Q4_K's mins, ...) never touch the
+    weights: their share is bias [rows, groups] times the group sums of x.
+    """
+    m = xf.shape[0]
+    block, size = GGML_QUANT_SIZES[qt]
+    out = torch.empty((m, n), dtype=torch.float32)
+    if n == 0 or m == 0:
+        return out.zero_()
+    nblk = k // block
+    xb = torch.cat((xf.view(m, nblk, block), xf.new_zeros(m, nblk, 1)), 2)  # element -1 reads the 0
+    xe = []
+    for elems, factor in quants.plane_layout(qt):
+        idx = torch.tensor(elems, dtype=torch.long)
+        xe.append((xb[:, :, idx] * torch.tensor(factor, dtype=torch.float32)).view(m, nblk * len(elems)))
+    raw3 = raw.view(n, nblk, size)
+    step = max(1, min(n, _SMALL_CHUNK_VALUES // k))
+    xsum = buf = None  # one float32 buffer for every plane of every chunk: fresh pages fault
+    for r in range(0, n, step):
+        rows = min(step, n - r)
+        planes, scale, bias = quants.code_planes(raw3[r : r + rows], qt)
+        g = scale.shape[2]
+        acc = None
+        for codes, x_p in zip(planes, xe):
+            w = codes.shape[2]
+            if buf is None or buf.numel() < rows * nblk * w:
+                buf = torch.empty(step * nblk * w, dtype=torch.float32)
+            f = buf[: rows * nblk * w].view(rows, nblk, w)
+            f.copy_(codes)
+            if g == 1:
+                f.mul_(scale)
+            else:  # group sizes divide the plane: natural element order
+                f.view(rows, nblk, g, w // g).mul_(scale.unsqueeze(-1))
+            f2 = f.view(rows, nblk * w)
+            acc = x_p @ f2.T if acc is None else acc.addmm_(x_p, f2.T)
+        if bias is not None:
+            if xsum is None:
+                xsum = xf.view(m, nblk * g, block // g).sum(-1)
+            acc.sub_(xsum @ bias.reshape(rows, nblk * g).T)
+        out[:, r : r + rows] = acc
+    return out
+
+
 # ---------------------------------------------------------------------------
 # ferrum::dequantize
 
@@ -182,6 +238,8 @@ def qlinear(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int, i
         w = _float_view(raw, qt, out_features, in_features)
         return torch.nn.functional.linear(x2, w).view(*x.shape[:-1], out_features)
     xf = x2.float()
+    if x2.shape[0] <= _SMALL_M and qt not in FLOAT_QTYPES:
+        return _qlinear_small(xf, raw, qt, out_features, in_features).to(x.dtype).view(*x.shape[:-1], out_features)
     out = torch.empty((x2.shape[0], out_features), dtype=torch.float32)
     raw2 = raw.view(out_features, -1)
     step = max(1, _CPU_CHUNK_VALUES // in_features)
