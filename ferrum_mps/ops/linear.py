@@ -158,6 +158,7 @@ def _qlinear_small(xf: torch.Tensor, raw: torch.Tensor, qt: GGMLQuantizationType
     for elems, factor in quants.plane_layout(qt):
         idx = torch.tensor(elems, dtype=torch.long)
         xe.append((xb[:, :, idx] * torch.tensor(factor, dtype=torch.float32)).view(m, nblk * len(elems)))
+    runs = _plane_runs(qt)
     raw3 = raw.view(n, nblk, size)
     step = max(1, min(n, _SMALL_CHUNK_VALUES // k))
     xsum = buf = None  # one float32 buffer for every plane of every chunk: fresh pages fault
@@ -166,16 +167,17 @@ def _qlinear_small(xf: torch.Tensor, raw: torch.Tensor, qt: GGMLQuantizationType
         planes, scale, bias = quants.code_planes(raw3[r : r + rows], qt)
         g = scale.shape[2]
         acc = None
-        for codes, x_p in zip(planes, xe):
+        for codes, x_p, (lo, run, gsel) in zip(planes, xe, runs):
             w = codes.shape[2]
             if buf is None or buf.numel() < rows * nblk * w:
                 buf = torch.empty(step * nblk * w, dtype=torch.float32)
             f = buf[: rows * nblk * w].view(rows, nblk, w)
             f.copy_(codes)
-            if g == 1:
-                f.mul_(scale)
-            else:  # group sizes divide the plane: natural element order
+            if gsel is None:  # the whole plane is the groups in order
                 f.view(rows, nblk, g, w // g).mul_(scale.unsqueeze(-1))
+            else:
+                sub = f[:, :, lo : lo + len(gsel) * run].view(rows, nblk, len(gsel), run)
+                sub.mul_((scale if g == 1 else scale[:, :, gsel]).unsqueeze(-1))
             f2 = f.view(rows, nblk * w)
             acc = x_p @ f2.T if acc is None else acc.addmm_(x_p, f2.T)
         if bias is not None:
@@ -184,6 +186,37 @@ def _qlinear_small(xf: torch.Tensor, raw: torch.Tensor, qt: GGMLQuantizationType
             acc.sub_(xsum @ bias.reshape(rows, nblk * g).T)
         out[:, r : r + rows] = acc
     return out
+
+
+_RUNS: dict = {}
+
+
+def _plane_runs(qt: GGMLQuantizationType) -> list:
+    """Per code plane: (first position, run length, group of each run; None: the whole plane is the groups in order).
+
+    A plane's positions that hold elements must be one span of whole groups (runs of
+    block/groups positions of one group each), so the block scale is one broadcast
+    multiply over a [rows, blocks, runs, group] view.
+    """
+    if qt not in _RUNS:
+        block = GGML_QUANT_SIZES[qt][0]
+        _, scale, _ = quants.code_planes(torch.zeros(1, 1, GGML_QUANT_SIZES[qt][1], dtype=torch.uint8), qt)
+        g = scale.shape[2]
+        gs = block // g
+        out = []
+        for elems, _ in quants.plane_layout(qt):
+            pos = [i for i, e in enumerate(elems) if e >= 0]
+            lo, n = pos[0], len(pos)
+            run = n if g == 1 else gs
+            groups = [elems[lo + j * run] // gs for j in range(n // run)]
+            if n % run or pos[-1] - lo + 1 != n or any(
+                e // gs != groups[(i - lo) // run] for i, e in enumerate(elems[lo : lo + n], lo)
+            ):
+                raise AssertionError(f"{qt.name}: a code plane is not a span of whole scale groups")
+            whole = lo == 0 and n == len(elems) and groups == list(range(g))
+            out.append((lo, run, None if whole else torch.tensor(groups, dtype=torch.long)))
+        _RUNS[qt] = out
+    return _RUNS[qt]
 
 
 # ---------------------------------------------------------------------------
