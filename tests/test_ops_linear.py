@@ -124,6 +124,21 @@ def test_qlinear_decode_path_matches_reference(qt, m):
         torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("qt", [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.IQ4_XS], ids=lambda q: q.name)
+@pytest.mark.parametrize("off", [1, 2, 3])
+def test_qlinear_decode_path_misaligned_raw(qt, off):
+    """The decode path reads fp16 scales and 32-bit words in place when aligned; any byte offset still works."""
+    block = gguf.GGML_QUANT_SIZES[qt][0]
+    out_f, in_f = 9, 2 * block if block == 256 else 4 * block
+    raw = random_raw(qt, out_f, in_f, seed=5)
+    big = torch.zeros(raw.numel() + off, dtype=torch.uint8)
+    big[off:] = raw.reshape(-1)
+    x = torch.randn(1, in_f)
+    ref = x.double() @ gguf_dequant(raw, qt, out_f, in_f).double().T
+    y = torch.ops.ferrum.qlinear(x, big[off:].view(out_f, -1), int(qt), out_f, in_f)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("qt", [Q.Q4_K, Q.Q6_K, Q.Q5_0, Q.F32, Q.BF16], ids=lambda q: q.name)
 def test_qembedding_matches_reference(qt):
     rows, dim = 11, cols_for(qt)
