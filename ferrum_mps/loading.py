@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -110,11 +113,37 @@ def load_model(path, device=None, dtype=None, progress: bool = True):
     return model
 
 
-def load_tokenizer(path):
-    """transformers' tokenizer built from the GGUF metadata (chat template kept)."""
+def load_tokenizer(path, cache: bool = True):
+    """transformers' tokenizer built from the GGUF metadata (chat template kept).
+
+    Building it means rebuilding BPE merges or a SentencePiece model from the vocabulary
+    (tens of seconds for a 262k vocabulary), so the result is saved once as tokenizer.json
+    (no pickle) under the user cache dir, keyed by the file's path, size and mtime.
+    """
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {path}")
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    cached = _tokenizer_cache_dir(path) if cache else None
+    if cached is not None and (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if cached is not None:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        tok.save_pretrained(str(tmp))
+        try:
+            tmp.rename(cached)
+        except OSError:  # another process cached it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+def _tokenizer_cache_dir(path: Path) -> Path:
+    from .default_model import cache_dir
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    root = cache_dir() / "tokenizers"
+    root.mkdir(parents=True, exist_ok=True)
+    return root / key

@@ -134,3 +134,19 @@ def test_bad_devices_dtypes_and_paths(synth, tmp_path):
         model()
     with pytest.raises(ValueError, match="attention_mask"):
         model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 3, dtype=torch.long))
+
+
+def test_cached_tokenizer_equals_the_one_built_from_gguf(synth, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fresh = loading.load_tokenizer(synth.path, cache=False)
+    loading.load_tokenizer(synth.path)  # builds and saves
+    assert list((tmp_path / "ferrum_mps" / "tokenizers").glob("*/tokenizer.json"))
+    cached = loading.load_tokenizer(synth.path)  # reads tokenizer.json back
+    for text in ["Hello world", "héllo wörld 🙂 \n\t x == 3.14", "<|im_start|>user\nhi<|im_end|>"]:
+        assert cached(text).input_ids == fresh(text).input_ids
+        assert cached.decode(cached(text).input_ids) == fresh.decode(fresh(text).input_ids)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert cached.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == fresh.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True
+    )
+    assert (cached.eos_token_id, cached.bos_token_id, cached.pad_token_id) == (fresh.eos_token_id, fresh.bos_token_id, fresh.pad_token_id)
