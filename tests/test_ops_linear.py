@@ -106,9 +106,9 @@ def test_qlinear_works_in_row_chunks(monkeypatch, m):
 
 
 @pytest.mark.parametrize("qt", QUANT_TYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("m", [1, 2, 5, 16, 17])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16, 17])
 def test_qlinear_decode_path_matches_reference(qt, m):
-    """m <= 16 takes the decode path (codes * block scale, offsets via group sums of x); 17 the dequantize path."""
+    """m <= 8 takes the decode path (code planes * block scale, offsets via group sums of x), larger m the dequantize path."""
     block = gguf.GGML_QUANT_SIZES[qt][0]
     out_f, in_f = 37, 2 * block if block == 256 else 5 * block  # odd rows: chunks with a ragged tail
     raw = random_raw(qt, out_f, in_f, seed=10 + m)

@@ -45,8 +45,9 @@ _TAGS = (torch.Tag.needs_contiguous_strides,)
 # chunk stays cache-sized.
 _CPU_CHUNK_VALUES = 1 << 20
 # Up to this many rows of x, CPU qlinear takes the decode path (_qlinear_small); beyond it
-# the matmul dominates and dequantize-then-matmul in big chunks wins.
-_SMALL_M = 16
+# the matmul dominates (the planes' header/high-bit columns make it up to 2.4x larger)
+# and dequantize-then-matmul in big chunks wins. Measured break-even: m ~ 16.
+_SMALL_M = 8
 # Weight values per chunk of the decode path: each float32 plane (1 MiB) stays in L2
 # and the ~10 torch ops per chunk amortise their dispatch (measured: 2^16 is 2x slower).
 _SMALL_CHUNK_VALUES = 1 << 18
