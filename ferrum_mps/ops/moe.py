@@ -16,6 +16,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor
 
 from .. import quants, shaders
+from .linear import _SMALL_M, FLOAT_QTYPES, _qlinear_small
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _IDS = (torch.int32, torch.int64)
@@ -163,6 +164,16 @@ def _grouped_mm(xs: Tensor, w: Tensor, sizes: list[int]) -> Tensor:
     return torch.cat([g @ wi.T for g, wi in zip(xs.split(sizes), w)])
 
 
+def _expert_mm(xs: Tensor, raw: Tensor, sel: list[int], sizes: list[int], qtype: int, out_features: int, in_features: int) -> Tensor:
+    """Rows of xs grouped by expert (consecutive runs of `sizes`) times their expert's W.T: [sum(sizes), out]."""
+    qt = quants.check_qtype(qtype)
+    if max(sizes) <= _SMALL_M and qt not in FLOAT_QTYPES:
+        # Decode: a few rows per expert, so dequantization is the cost; qlinear's small-m path
+        # reads each selected expert's bytes once and never builds its float matrix.
+        return torch.cat([_qlinear_small(g, raw[e], qt, out_features, in_features) for g, e in zip(xs.split(sizes), sel)])
+    return _grouped_mm(xs, _dequant_experts(raw, sel, qtype, in_features), sizes)
+
+
 # ---------------------------------------------------------------------------- moe_route
 
 
@@ -206,8 +217,8 @@ def moe_qlinear(x: Tensor, ids: Tensor, experts_raw: Tensor, qtype: int, out_fea
     for sel, s0, e0 in _chunks(used, starts, ends, out_features * in_features * 4):
         pairs = order[s0[0] : e0[-1]]
         xs = rows[pairs // k] if x.dim() == 2 else rows[pairs]
-        w = _dequant_experts(experts_raw, sel, qtype, in_features)
-        out[pairs] = _grouped_mm(xs, w, [e - s for s, e in zip(s0, e0)])
+        sizes = [e - s for s, e in zip(s0, e0)]
+        out[pairs] = _expert_mm(xs, experts_raw, sel, sizes, qtype, out_features, in_features)
     return out.view(T, k, out_features).to(x.dtype)
 
 
@@ -246,10 +257,10 @@ def moe_ffn(
         tokens = pairs // k
         sizes = [e - s for s, e in zip(s0, e0)]
         xs = xf[tokens]
-        g = _grouped_mm(xs, _dequant_experts(gate_raw, sel, gate_qtype, H), sizes)
-        u = _grouped_mm(xs, _dequant_experts(up_raw, sel, up_qtype, H), sizes)
+        g = _expert_mm(xs, gate_raw, sel, sizes, gate_qtype, inter, H)
+        u = _expert_mm(xs, up_raw, sel, sizes, up_qtype, inter, H)
         h = torch.nn.functional.silu(g) * u
-        y = _grouped_mm(h, _dequant_experts(down_raw, sel, down_qtype, inter), sizes)
+        y = _expert_mm(h, down_raw, sel, sizes, down_qtype, H, inter)
         out.index_add_(0, tokens, y * wf[pairs, None])
     return out.to(x.dtype)
 
