@@ -8,7 +8,7 @@ from collections import defaultdict
 import numpy as np
 
 from ferrum_mps.cli import main
-from test_gguf import stock_reader_summary, write_small
+from test_gguf import write_small
 
 
 def expected_types(summary):
@@ -25,8 +25,8 @@ def run_info(path, capsys, *extra):
     return capsys.readouterr().out
 
 
-def test_info_gemma_matches_gguf_reader(gemma_gguf_path, capsys):
-    ref = stock_reader_summary(str(gemma_gguf_path))
+def test_info_gemma_matches_gguf_reader(gemma_gguf_path, gemma_reader_summary, capsys):
+    ref = gemma_reader_summary
     got = json.loads(run_info(gemma_gguf_path, capsys, "--json"))
     fields = ref["fields"]
     assert got["architecture"] == fields["general.architecture"] == "gemma3"

@@ -1,6 +1,5 @@
 """read_gguf against gguf-py's own reader and writer, on hand-made files, broken files and the real Gemma file."""
 
-import functools
 import gc
 
 import gguf
@@ -262,28 +261,9 @@ def test_byte_count_larger_than_file(small):
 # --- the real file -----------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def stock_reader_summary(path):
-    """What gguf-py's own GGUFReader says about a file (tensor table, metadata), read once per session.
-
-    The stock reader takes 20-50 s and ~700 MB on Gemma's 262k-token vocabulary, so
-    the test modules that compare against it (this one, test_cli_info) share this
-    summary instead of the reader.
-    """
-    ref = gguf.GGUFReader(path)
-    tensors = [
-        (t.name, Q(t.tensor_type), tuple(int(d) for d in t.shape.tolist()),
-         int(t.n_elements), int(t.n_bytes), int(t.data_offset))
-        for t in ref.tensors
-    ]
-    fields = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
-    return {"tensors": tensors, "fields": fields}
-
-
-
-def test_gemma_file_matches_gguf_reader(gemma_gguf_path):
+def test_gemma_file_matches_gguf_reader(gemma_gguf_path, gemma_reader_summary):
     f = read_gguf(gemma_gguf_path)
-    ref = stock_reader_summary(str(gemma_gguf_path))
+    ref = gemma_reader_summary
     assert f.architecture == "gemma3"
     assert list(f.tensors) == [t[0] for t in ref["tensors"]]
     mm = np.memmap(gemma_gguf_path, mode="r")
