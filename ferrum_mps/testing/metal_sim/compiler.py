@@ -14,6 +14,8 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
+from ferrum_mps.default_model import cache_dir as ferrum_cache_dir
+
 from .translate import Entry, KernelDef, Param, entry_code, translate
 
 HERE = Path(__file__).resolve().parent
@@ -26,8 +28,7 @@ class CompilerNotFound(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    d = Path(root) / "ferrum_mps" / "metal_sim"
+    d = ferrum_cache_dir() / "metal_sim"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
