@@ -101,7 +101,9 @@ def load_model(path, device=None, dtype=None, progress: bool = True):
     }
     if device.type == "mps":
         torch.mps.synchronize()
-    model = cls(config, tensors, dtype=dtype).to(device).eval()
+    # Inference only: the ferrum ops have no backward, so no parameter may ask autograd for one
+    # (a float router left trainable made torch.compile trace a backward outside no_grad).
+    model = cls(config, tensors, dtype=dtype).to(device).eval().requires_grad_(False)
     model.load_seconds = time.perf_counter() - t0
     model.gguf_path = path
     rss = _resident_bytes()

@@ -152,6 +152,18 @@ def test_compiled_static_decode_equals_eager_and_dynamic_cache(model):
     torch.testing.assert_close(comp_logits, eager_logits, atol=1e-4, rtol=0)
 
 
+def test_loaded_model_is_frozen_so_compiling_needs_no_no_grad(model):
+    # The ferrum ops have no backward: a trainable parameter (the float router) made inductor
+    # trace one and fail when the README's compile line ran outside no_grad.
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = prompt(3, 2)
+    with torch.no_grad():
+        want = model.decode_step(ids, model.static_cache(1, 16), torch.arange(3))
+    torch._dynamo.reset()
+    got = torch.compile(model.decode_step, fullgraph=True)(ids, model.static_cache(1, 16), torch.arange(3))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
 @contextlib.contextmanager
 def metal_kernels_on_cpu():
     """Route the ferrum ops of CPU tensors through their MPS implementations (launch code + Metal sources)."""
