@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .generation import add_generate_parser
 
     add_generate_parser(sub)
+    from .selftest import add_parser as add_selftest_parser
+
+    add_selftest_parser(sub)
     return parser
 
 
