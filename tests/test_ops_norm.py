@@ -18,7 +18,6 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEm
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 import ferrum_mps.metal as metal
-from models.base import RoPE
 
 ops = torch.ops.ferrum
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -26,6 +25,14 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # the order of float32 sums may still move a value across a rounding boundary).
 TOL = {torch.float32: dict(rtol=2e-6, atol=2e-6), torch.float16: dict(rtol=1e-3, atol=1e-3),
        torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}
+
+
+def gguf_inv_freq(D, theta, scale=1.0, factors=None):
+    """llama.cpp's rope frequencies: theta^(-2i/D), divided by rope_freqs.weight[i] and by the linear scale factor."""
+    f = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    if factors is not None:
+        f = f / factors
+    return f / scale
 
 
 def gen(seed):
@@ -107,7 +114,8 @@ def test_qk_norm_rope_cache_matches_qwen3(dtype, theta):
     cache_pos = torch.tensor([5, 6, 7])
     k_cache = torch.full((B, Hkv, S, D), 9.0, dtype=dtype)
     v_cache = k_cache.clone()
-    q_out = ops.qk_norm_rope_cache(q, k, v, qn.weight.detach(), kn.weight.detach(), 1e-6, RoPE(D, theta).inv_freq,
+    torch.testing.assert_close(gguf_inv_freq(D, theta), rot.inv_freq, rtol=4e-7, atol=0)
+    q_out = ops.qk_norm_rope_cache(q, k, v, qn.weight.detach(), kn.weight.detach(), 1e-6, rot.inv_freq,
                                    pos, False, k_cache, v_cache, cache_pos)
 
     cos, sin = rot(q.float(), pos)  # float32 rope on the normed values (the model's rope runs in float32)
@@ -151,13 +159,13 @@ def test_qk_rope_matches_llama_scaled_rope(scaling, interleaved):
     if scaling == "llama3":
         params = dict(rope_type="llama3", rope_theta=theta, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=64)
-        inv_freq = RoPE(D, theta, freq_factors=llama3_freq_factors(D, theta, 8.0, 1.0, 4.0, 64)).inv_freq
+        inv_freq = gguf_inv_freq(D, theta, factors=llama3_freq_factors(D, theta, 8.0, 1.0, 4.0, 64))
     else:
         params = dict(rope_type="linear", rope_theta=theta, factor=4.0)
-        inv_freq = RoPE(D, theta, scale=4.0).inv_freq
+        inv_freq = gguf_inv_freq(D, theta, scale=4.0)
     cfg = LlamaConfig(head_dim=D, hidden_size=Hq * D, num_attention_heads=Hq, num_key_value_heads=Hkv, rope_parameters=params)
     rot = LlamaRotaryEmbedding(cfg)
-    # The GGUF route (base / freq factors / scale, models/base.py's RoPE) gives transformers' frequencies
+    # llama.cpp's route (base / freq factors from the file / scale) gives transformers' frequencies
     # up to float32 rounding (1 ulp in llama3's smooth band)...
     torch.testing.assert_close(inv_freq, rot.inv_freq, rtol=4e-7, atol=0)
     # ...and the op turns whatever inv_freq it gets exactly as transformers' apply_rotary_pos_emb does.
@@ -229,7 +237,7 @@ def test_compiled_fullgraph_matches_eager():
     B, T, Hq, Hkv, D, S, H = 1, 2, 4, 2, 16, 6, 32
     q, k, v = qk_inputs(B, T, Hq, Hkv, D, torch.float32, 50)
     x, res, w, rw = torch.randn(T, H), torch.randn(T, H), torch.randn(H), torch.randn(8, H)
-    qw, kw, inv = torch.randn(D), torch.randn(D), RoPE(D, 10000.0).inv_freq
+    qw, kw, inv = torch.randn(D), torch.randn(D), gguf_inv_freq(D, 10000.0)
 
     def step(x, res, q, k, v, k_cache, v_cache, cache_position):
         h = ops.rms_norm(x, w, 1e-6)
@@ -330,7 +338,7 @@ def test_metal_qk_norm_rope_cache(metal_device, dtype, cache_dtype, interleaved,
     B, T, Hq, Hkv, S = 2, 2, 4, 2, 5
     q, k, v = qk_inputs(B, T, Hq, Hkv, D, dtype, D)
     qw, kw = ((1 + 0.2 * torch.randn(D, generator=gen(s))).to(dtype) if norm else None for s in (1, 2))
-    inv = RoPE(D, 10000.0).inv_freq
+    inv = gguf_inv_freq(D, 10000.0)
     pos = torch.tensor([[4, 3], [20000, 1]])
     cp = torch.tensor([3, 1])
     kc = torch.randn(B, Hkv, S, D, generator=gen(3)).to(cache_dtype)
@@ -348,7 +356,7 @@ def test_metal_qk_norm_rope_cache(metal_device, dtype, cache_dtype, interleaved,
 def test_metal_qk_skips_out_of_range_slots(metal_device):
     B, T, Hq, Hkv, D, S = 1, 3, 2, 1, 16, 4
     q, k, v = qk_inputs(B, T, Hq, Hkv, D, torch.float32, 70)
-    inv, pos = RoPE(D, 10000.0).inv_freq, torch.tensor([[0, 1, 2]])
+    inv, pos = gguf_inv_freq(D, 10000.0), torch.tensor([[0, 1, 2]])
     kc, vc = torch.full((B, Hkv, S, D), 7.0), torch.full((B, Hkv, S, D), 7.0)
     d = metal_device
     mk, mv = kc.clone().to(d), vc.clone().to(d)  # clone: .to("cpu") would alias the reference caches
