@@ -11,7 +11,8 @@
 
 #define NORM_MAX_SG 32     // simdgroups per threadgroup at most (1024 threads)
 #define ROUTE_MAX_E 256    // experts of moe_gate_route: 8 probabilities per lane of one simdgroup
-#define ROUTE_NSG 8        // simdgroups of the router mat-vec (256 threads, also in norm.py)
+#define ROUTE_NSG 32       // simdgroups of the router mat-vec: 1024 threads, the most one GPU core
+                           // keeps in flight (the whole router matrix is read by one threadgroup)
 
 template <typename T> struct vec4_of;
 template <> struct vec4_of<float> { typedef float4 type; };
@@ -135,7 +136,9 @@ kernel void add_rms_norm(
 // Heads h < Hq are query heads (out: q_out [B, Hq, T, D]); the others are kv heads, whose
 // threadgroup also copies v. A cache slot outside [0, S) is not written (no host check).
 //
-// dims = [Hq, Hkv, D, T, S, flags]; flags: 1 q norm, 2 k norm, 4 interleaved pairs.
+// dims = [Hq, Hkv, D, T, S, flags, position row stride]; flags: 1 q norm, 2 k norm, 4 interleaved
+// pairs. The stride is 0 when every sequence has the same positions (decode_step's expanded
+// cache_position: no copy to make it contiguous).
 
 template <typename T, typename TC>
 kernel void qk_norm_rope_cache(
@@ -159,7 +162,7 @@ kernel void qk_norm_rope_cache(
     ushort nsg [[simdgroups_per_threadgroup]])
 {
     threadgroup float part[NORM_MAX_SG];
-    const long Hq = dims[0], Hkv = dims[1], D = dims[2], T_ = dims[3], S = dims[4], flags = dims[5];
+    const long Hq = dims[0], Hkv = dims[1], D = dims[2], T_ = dims[3], S = dims[4], flags = dims[5], pstride = dims[6];
     const long half_d = D / 2, h = tg.y, bt = tg.z, b = bt / T_, t = bt % T_;
     const bool is_q = h < Hq;
     const long hk = h - Hq;
@@ -178,7 +181,7 @@ kernel void qk_norm_rope_cache(
         }
     }
     if (!active) return;
-    const float ang = float(pos[bt]) * inv_freq[tid];
+    const float ang = float(pos[b * pstride + t]) * inv_freq[tid];
     const float cs = precise::cos(ang), sn = precise::sin(ang);
     const T o0 = T(a * cs - c * sn), o1 = T(c * cs + a * sn);
     if (is_q) {

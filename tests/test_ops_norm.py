@@ -353,6 +353,22 @@ def test_metal_qk_norm_rope_cache(metal_device, dtype, cache_dtype, interleaved,
     assert torch.equal(mv.cpu(), vc)
 
 
+def test_metal_qk_positions_expanded_over_batch(metal_device):
+    # decode_step passes cache_position[None].expand(B, -1): read in place (row stride 0), no copy.
+    B, T, Hq, Hkv, D, S = 2, 2, 2, 1, 16, 4
+    q, k, v = qk_inputs(B, T, Hq, Hkv, D, torch.float16, 90)
+    inv, cp = gguf_inv_freq(D, 1e6), torch.tensor([1, 2])
+    d = metal_device
+    kc, vc = torch.zeros(B, Hkv, S, D, dtype=torch.float16), torch.zeros(B, Hkv, S, D, dtype=torch.float16)
+    mk, mv = kc.clone().to(d), vc.clone().to(d)
+    cpd = cp.to(d)
+    got = metal.qk_norm_rope_cache(q.to(d), k.to(d), v.to(d), None, None, 1e-6, inv.to(d), cpd[None].expand(B, -1), False, mk, mv, cpd)
+    ref = ops.qk_norm_rope_cache(q, k, v, None, None, 1e-6, inv, cp[None].expand(B, -1).contiguous(), False, kc, vc, cp)
+    close(got, ref, torch.float16)
+    close(mk, kc, torch.float16)
+    assert torch.equal(mv.cpu(), vc)
+
+
 def test_metal_qk_skips_out_of_range_slots(metal_device):
     B, T, Hq, Hkv, D, S = 1, 3, 2, 1, 16, 4
     q, k, v = qk_inputs(B, T, Hq, Hkv, D, torch.float32, 70)

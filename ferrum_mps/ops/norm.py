@@ -36,7 +36,7 @@ _DT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 _TAGS = (torch.Tag.needs_contiguous_strides,)
 _MAX_THREADS = 1024
 _ROUTE_MAX_EXPERTS = 256  # ROUTE_MAX_E in norm.metal
-_ROUTE_THREADS = 256  # 32 * ROUTE_NSG in norm.metal
+_ROUTE_THREADS = 1024  # 32 * ROUTE_NSG in norm.metal
 
 
 # ---------------------------------------------------------------------------- validation
@@ -59,9 +59,13 @@ def _check_int64(t, name: str, shape: tuple) -> None:
 
 
 def _check_devices(**tensors) -> None:
-    devs = {n: t.device for n, t in tensors.items() if t is not None}
-    if len(set(devs.values())) > 1:
-        raise ValueError("all tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in devs.items()))
+    dev = None
+    for t in tensors.values():
+        if t is not None and dev is None:
+            dev = t.device
+        elif t is not None and t.device != dev:
+            devs = ", ".join(f"{n} on {t.device}" for n, t in tensors.items() if t is not None)
+            raise ValueError(f"all tensors must be on one device, got {devs}")
 
 
 def _check_weight(w, x: Tensor, name: str, size: int) -> None:
@@ -344,8 +348,12 @@ def qk_norm_rope_cache_mps(
     kw = q if k_norm_weight is None else k_norm_weight.contiguous()
     nt = -(-D // 64) * 32  # D/2 pairs, rounded up to whole simdgroups
     kern = shaders.kernel("norm.metal", f"qk_norm_rope_cache_{_DT[q.dtype]}_{_DT[k_cache.dtype]}")
-    kern(q, k, v, qw, kw, inv_freq.contiguous(), position_ids.contiguous(), cache_position.contiguous(),
-         k_cache, v_cache, q_out, [Hq, Hkv, D, T, S, flags], float(eps),
+    if position_ids.stride() == (0, 1):  # one row of positions expanded over the batch: read it in place
+        pos, pstride = position_ids[0], 0
+    else:
+        pos, pstride = position_ids.contiguous(), T
+    kern(q, k, v, qw, kw, inv_freq.contiguous(), pos, cache_position.contiguous(),
+         k_cache, v_cache, q_out, [Hq, Hkv, D, T, S, flags, pstride], float(eps),
          threads=[nt, Hq + Hkv, B * T], group_size=[nt, 1, 1])
     return q_out
 
