@@ -14,7 +14,8 @@
 //   direct = 1 (one split): normalises and writes out [B, T, Hq * D] itself: one launch in all.
 //   Else it writes the unnormalised partial output and (m, l) per split for launch 2.
 // Launch 2, attn_reduce_<dt>: threads [ATT_RTHREADS, B * T * Hq], group [ATT_RTHREADS, 1]: one
-//   threadgroup per output row merges the nsplit partials (weights exp(m_i - max m)).
+//   threadgroup per output row merges the nsplit partials (weights exp(m_i - max m)); an empty split
+//   (a short context in a long cache) writes only l = 0 and its output is never read.
 // "No score yet" is a large finite negative, never -inf: Metal may compile with fast math, under
 // which infinities are not guaranteed to compare or propagate.
 
@@ -153,7 +154,8 @@ kernel void attn_split(
     }
 
     const long row = (b * Tn + t) * Hq + h0;  // output row of head h0 (heads of a row are contiguous)
-    for (int k = 0; k < ATT_ACC; ++k) {
+    const bool empty = s_begin >= s_end;  // l = 0 tells the reduce to skip this split's output
+    for (int k = 0; k < ATT_ACC && !(empty && !direct); ++k) {
         const int i = tid + k * ATT_THREADS;
         if (i >= nitems) break;
         const int h = i / int(D), d = i % int(D);
@@ -188,7 +190,8 @@ kernel void attn_reduce(
     const float inv = l > 0.f ? 1.f / l : 0.f;
     for (long d = tid; d < D; d += ATT_RTHREADS) {
         float o = 0.f;
-        for (long i = 0; i < nsplit; ++i) o += exp(ml[2 * i] - mg) * part_o[(row * nsplit + i) * D + d];
+        for (long i = 0; i < nsplit; ++i)
+            if (ml[2 * i + 1] > 0.f) o += exp(ml[2 * i] - mg) * part_o[(row * nsplit + i) * D + d];
         out[row * D + d] = T(o * inv);
     }
 }

@@ -111,14 +111,8 @@ def test_metal_low_precision_and_head_dims(metal_device, dtype, D):
     check(y, reference(q, k, v, pos, mask, 0, 0.0625), dtype)
 
 
-@pytest.fixture
-def small_splits(monkeypatch):
-    """Split caches of a few hundred slots (the real thresholds need thousands to split)."""
-    monkeypatch.setattr(A, "SPLIT_MIN_KEYS", 128)
-
-
 @pytest.mark.parametrize("window", [0, 300])
-def test_metal_split_sequence(metal_device, small_splits, window):
+def test_metal_split_sequence(metal_device, window):
     """Flash-decoding: 5 splits of >= 128 slots merged by the reduce kernel; GQA with G = 2, left padding."""
     B, Hq, Hkv, T, D, S = 2, 4, 2, 2, 64, 600
     q, k, v = make(B, Hq, Hkv, T, D, S, seed=3)
@@ -142,7 +136,7 @@ def test_metal_one_launch_for_short_caches(metal_device):
     check(y, reference(q, k, v, torch.tensor([40]), None, 0, 0.125), torch.float32)
 
 
-def test_metal_reads_only_the_visible_slots(metal_device, small_splits):
+def test_metal_reads_only_the_visible_slots(metal_device):
     """NaN in the unused tail of the cache and before the window: a read of any of them would show."""
     B, Hq, Hkv, T, D, S = 1, 8, 2, 1, 64, 700
     q, k, v = make(B, Hq, Hkv, T, D, S, seed=4)
@@ -180,9 +174,9 @@ def test_metal_matches_cpu_op_on_transposed_decode_query(metal_device):
 
 def test_split_plan_scales_with_the_cache():
     """Threadgroups per call at 4K and 32K slots (Qwen3-30B-A3B: 32 query / 4 kv heads)."""
-    assert A.attention_plan(1, 1, 32, 4, 4096) == (8, 1, 16)  # 16 splits of 256 slots
+    assert A.attention_plan(1, 1, 32, 4, 4096) == (8, 1, 32)  # 32 splits of 128 slots
     assert A.attention_plan(1, 1, 32, 4, 32768) == (8, 1, 64)  # 64 splits of 512 slots
-    assert A.attention_plan(1, 1, 4, 1, 200) == (4, 1, 1)  # short cache: one launch
+    assert A.attention_plan(1, 1, 4, 1, 128) == (4, 1, 1)  # short cache: one launch
 
 
 def test_bad_input_raises(metal_device):

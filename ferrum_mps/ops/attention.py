@@ -32,9 +32,9 @@ _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64)
 # cache length S (no sync to learn the real positions); the GPU cuts [lo, p] into that many
 # chunks of at least one 128-key block, so a short context in a big cache leaves the extra
 # threadgroups with nothing to read. Enough threadgroups to fill an M-Max (40 cores x a few
-# resident groups), each with >= 2 blocks of 128 keys at full cache length; at most 64
+# resident groups), each with >= 1 block of 128 keys at full cache length; at most 64
 # partials per output row to merge.
-SPLIT_MIN_KEYS = 256
+SPLIT_MIN_KEYS = 128
 SPLIT_TARGET_GROUPS = 256
 SPLIT_MAX = 64
 
