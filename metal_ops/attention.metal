@@ -22,7 +22,7 @@
 #define ATT_THREADS 128
 #define ATT_NSG 4
 #define ATT_BLOCK 128
-#define ATT_HMAX 16
+#define ATT_HMAX 8   // 8 query heads x D 256 as float: 8 KB of queries + 4 KB of probabilities per threadgroup
 #define ATT_DMAX 256
 #define ATT_ACC ((ATT_HMAX * ATT_DMAX) / ATT_THREADS)
 #define ATT_NEG (-3.0e38f)

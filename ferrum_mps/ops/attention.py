@@ -24,7 +24,7 @@ __all__ = ["decode_attention", "decode_attention_mps", "attention_plan", "check_
 
 _TAGS = (torch.Tag.needs_contiguous_strides,)
 MAX_HEAD_DIM = 256  # ATT_DMAX in attention.metal (threadgroup memory holds the queries as float)
-_HMAX = 16  # ATT_HMAX: query heads per threadgroup
+_HMAX = 8  # ATT_HMAX: query heads per threadgroup (GQA groups of Qwen3 / Llama / Gemma are <= 8)
 _THREADS, _RTHREADS = 128, 64  # ATT_THREADS, ATT_RTHREADS
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64)
 
