@@ -1,4 +1,4 @@
-"""ferrum::decode_attention at long contexts: launches, threadgroups, bytes read, and the kernel run
+"""ferrum::decode_attention at long contexts (and the fused q/k/v, gate/up mat-vecs of a decode step): launches, threadgroups, bytes read, and the kernel run
 under the Metal-on-CPU harness at 4K and 32K cache slots, next to the eager path the models use today
 (sdpa_gqa over the whole cache).
 
@@ -123,6 +123,62 @@ def harness_runs():
         print("  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
 
 
+def fused_matvecs(harness: bool):
+    """qkv_linear / gate_up_act vs one qlinear per weight: launches and weight bytes of one decode token."""
+    from gguf import GGMLQuantizationType as Q
+
+    from ferrum_mps.quants import row_nbytes
+
+    # name: hidden, (q rows, kv rows, q/k/v types), (inter, gate/up types), from the GGUF files' layouts
+    layers = {
+        "qwen3-30b-a3b (attn only)": (2048, (4096, 512, (Q.Q4_K, Q.Q4_K, Q.Q6_K)), None),
+        "qwen3-8b": (4096, (4096, 1024, (Q.Q4_K, Q.Q4_K, Q.Q6_K)), (12288, (Q.Q4_K, Q.Q4_K))),
+        "gemma-3-270m": (640, (1024, 256, (Q.Q5_0, Q.Q5_0, Q.Q8_0)), (2048, (Q.Q5_0, Q.Q5_0))),
+    }
+    print("\nFused mat-vecs, one decode token (m = 1), per layer")
+    hdr = ["model", "op", "launches fused", "launches unfused", "threadgroups", "weight MB read"]
+    rows = []
+    for name, (H, (nq, nkv, tq), ffn) in layers.items():
+        wb = sum(n * row_nbytes(t, H) for n, t in zip((nq, nkv, nkv), tq))
+        rows.append([name, "qkv_linear", 1, 3, -(-nq // 4) + 2 * -(-nkv // 4), f"{wb / 1e6:.2f}"])
+        if ffn:
+            inter, tg = ffn
+            wb = sum(inter * row_nbytes(t, H) for t in tg)
+            rows.append([name, "gate_up_act", 1, "2 + act*mul (2 torch ops)", -(-inter // 4), f"{wb / 1e6:.2f}"])
+    widths = [max(len(str(r[i])) for r in rows + [hdr]) for i in range(len(hdr))]
+    for r in [hdr] + rows:
+        print("  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
+    if not harness:
+        return
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_ops_linear import random_raw  # noqa: E402
+
+    from ferrum_mps.testing.metal_sim import compile_shader
+
+    H, (nq, nkv, tq), (inter, tg) = layers["gemma-3-270m"]
+    raws = [random_raw(t, n, H, seed=i) for i, (t, n) in enumerate(zip(tq, (nq, nkv, nkv)))]
+    gu = [random_raw(t, inter, H, seed=5 + i) for i, t in enumerate(tg)]
+    x = torch.randn(1, H)
+    with metal.use_shader_compiler(compile_shader):
+        fused = lambda: metal.qkv_linear(x, raws[0], int(tq[0]), raws[1], int(tq[1]), raws[2], int(tq[2]), nq, nkv, H)  # noqa: E731
+        split = lambda: [metal.qlinear(x, r, int(t), n, H) for r, t, n in zip(raws, tq, (nq, nkv, nkv))]  # noqa: E731
+        fgu = lambda: metal.gate_up_act(x, gu[0], int(tg[0]), gu[1], int(tg[1]), inter, H, "gelu_pytorch_tanh")  # noqa: E731
+        sgu = lambda: torch.nn.functional.gelu(metal.qlinear(x, gu[0], int(tg[0]), inter, H), approximate="tanh") * metal.qlinear(x, gu[1], int(tg[1]), inter, H)  # noqa: E731
+        res = []
+        for f in (fused, split, fgu, sgu):
+            f()
+            t = time.perf_counter()
+            out = f()
+            res.append((time.perf_counter() - t, out))
+    eq = max((a - b).abs().max().item() for a, b in zip(res[0][1], res[1][1]))
+    eg = (res[2][1] - res[3][1]).abs().max().item()
+    print(f"harness (gemma-3-270m, full layer): qkv fused {res[0][0]:.3f} s vs 3 x qlinear {res[1][0]:.3f} s "
+          f"(max |diff| {eq:.1e}); gate_up fused {res[2][0]:.3f} s vs 2 x qlinear + torch {res[3][0]:.3f} s (max |diff| {eg:.1e})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-harness", action="store_true")
@@ -130,6 +186,7 @@ def main():
     print_counts()
     if not args.no_harness:
         harness_runs()
+    fused_matvecs(not args.no_harness)
 
 
 if __name__ == "__main__":
