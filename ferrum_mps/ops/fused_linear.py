@@ -11,6 +11,8 @@ kernels; see `fused_path`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from gguf import GGMLQuantizationType
 
@@ -19,7 +21,8 @@ from . import linear as L
 
 Q = GGMLQuantizationType
 
-__all__ = ["FUSED_QTYPES", "ACTS", "fused_path", "qkv_linear", "gate_up_act", "qkv_linear_mps", "gate_up_act_mps"]
+__all__ = ["FUSED_QTYPES", "ACTS", "fused_path", "qkv_linear", "gate_up_act", "qkv_linear_mps", "gate_up_act_mps",
+           "launch_qkv_linear", "launch_gate_up_act"]
 
 _TAGS = (torch.Tag.needs_contiguous_strides,)
 # The types of llama.cpp's Q4_K_M / Q5_K_M / Q8_0 files (GT_* in fused_linear.metal).
@@ -32,6 +35,11 @@ _ROWS_PER_GROUP = 4  # FMV_NSG x FMV_NR
 def fused_path(qtypes, m: int) -> bool:
     """Whether the MPS op runs in one launch for these weight types and m activation rows."""
     return 1 <= m <= FUSED_MAX_M and all(quants.check_qtype(q) in FUSED_QTYPES for q in qtypes)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_bytes(qt: int, in_features: int) -> int:
+    return quants.row_nbytes(quants.check_qtype(qt), in_features)
 
 
 def _check(x, weights, in_features) -> list:
@@ -87,20 +95,27 @@ def _(x, raw_q, qtype_q, raw_k, qtype_k, raw_v, qtype_v, n_q, n_kv, in_features)
 
 def qkv_linear_mps(x, raw_q, qtype_q, raw_k, qtype_k, raw_v, qtype_v, n_q, n_kv, in_features):
     qts = _check(x, ((raw_q, qtype_q, n_q, "raw_q"), (raw_k, qtype_k, n_kv, "raw_k"), (raw_v, qtype_v, n_kv, "raw_v")), in_features)
+    if all(qt in FUSED_QTYPES for qt in qts):
+        for raw, qt in zip((raw_q, raw_k, raw_v), qts):
+            L._check_metal_raw(raw, qt)
+    return launch_qkv_linear(x, raw_q, int(qts[0]), raw_k, int(qts[1]), raw_v, int(qts[2]), n_q, n_kv, in_features)
+
+
+def launch_qkv_linear(x, raw_q, qtype_q, raw_k, qtype_k, raw_v, qtype_v, n_q, n_kv, in_features):
+    """qkv_linear_mps without its argument checks: for callers that validated the weights once."""
     x2 = x.reshape(-1, in_features).contiguous()
     m = x2.shape[0]
-    if not fused_path(qts, m):
-        return tuple(L.qlinear_mps(x, r, int(q), n, in_features) for r, q, n in ((raw_q, qts[0], n_q), (raw_k, qts[1], n_kv), (raw_v, qts[2], n_kv)))
-    for raw, qt in zip((raw_q, raw_k, raw_v), qts):
-        L._check_metal_raw(raw, qt)
+    qts = (qtype_q, qtype_k, qtype_v)
+    if not (1 <= m <= FUSED_MAX_M and all(qt in FUSED_QTYPES for qt in qts)):
+        return tuple(L.qlinear_mps(x, r, q, n, in_features) for r, q, n in ((raw_q, qtype_q, n_q), (raw_k, qtype_k, n_kv), (raw_v, qtype_v, n_kv)))
     lead = x.shape[:-1]
     yq = torch.empty((m, n_q), dtype=x.dtype, device=x.device)
     yk = torch.empty((m, n_kv), dtype=x.dtype, device=x.device)
     yv = torch.empty((m, n_kv), dtype=x.dtype, device=x.device)
-    rb = [quants.row_nbytes(qt, in_features) for qt in qts]
     groups = -(-n_q // _ROWS_PER_GROUP) + 2 * -(-n_kv // _ROWS_PER_GROUP)
     k = shaders.kernel("fused_linear.metal", f"qkv_{'mv' if m == 1 else 'mvb'}_{L._DT[x.dtype]}")
-    k(raw_q, raw_k, raw_v, x2, yq, yk, yv, in_features, n_q, n_kv, m, int(qts[0]), int(qts[1]), int(qts[2]), *rb,
+    k(raw_q, raw_k, raw_v, x2, yq, yk, yv, in_features, n_q, n_kv, m, qtype_q, qtype_k, qtype_v,
+      _row_bytes(qtype_q, in_features), _row_bytes(qtype_k, in_features), _row_bytes(qtype_v, in_features),
       threads=[64, groups], group_size=[64, 1])
     return yq.view(*lead, n_q), yk.view(*lead, n_kv), yv.view(*lead, n_kv)
 
@@ -132,20 +147,26 @@ def _(x, raw_gate, qtype_gate, raw_up, qtype_up, inter, in_features, act):
 
 def gate_up_act_mps(x, raw_gate, qtype_gate, raw_up, qtype_up, inter, in_features, act):
     qts = _check(x, ((raw_gate, qtype_gate, inter, "raw_gate"), (raw_up, qtype_up, inter, "raw_up")), in_features)
-    fn = _act(act)
+    _act(act)
+    if all(qt in FUSED_QTYPES for qt in qts):
+        for raw, qt in zip((raw_gate, raw_up), qts):
+            L._check_metal_raw(raw, qt)
+    return launch_gate_up_act(x, raw_gate, int(qts[0]), raw_up, int(qts[1]), inter, in_features, act)
+
+
+def launch_gate_up_act(x, raw_gate, qtype_gate, raw_up, qtype_up, inter, in_features, act):
+    """gate_up_act_mps without its argument checks: for callers that validated the weights once."""
     x2 = x.reshape(-1, in_features).contiguous()
     m = x2.shape[0]
-    if not fused_path(qts, m):
-        g = L.qlinear_mps(x, raw_gate, int(qts[0]), inter, in_features)
-        u = L.qlinear_mps(x, raw_up, int(qts[1]), inter, in_features)
-        return (fn(g.float()) * u.float()).to(x.dtype)
-    for raw, qt in zip((raw_gate, raw_up), qts):
-        L._check_metal_raw(raw, qt)
+    if not (1 <= m <= FUSED_MAX_M and qtype_gate in FUSED_QTYPES and qtype_up in FUSED_QTYPES):
+        # the mat-mat kernels, then activation * up in float32 (2 more device ops)
+        g = L.qlinear_mps(x, raw_gate, qtype_gate, inter, in_features)
+        u = L.qlinear_mps(x, raw_up, qtype_up, inter, in_features)
+        return (_act(act)(g.float()) * u.float()).to(x.dtype)
     y = torch.empty((m, inter), dtype=x.dtype, device=x.device)
-    rb = [quants.row_nbytes(qt, in_features) for qt in qts]
     k = shaders.kernel("fused_linear.metal", f"gate_up_{'mv' if m == 1 else 'mvb'}_{L._DT[x.dtype]}")
-    k(raw_gate, raw_up, x2, y, in_features, inter, m, int(qts[0]), int(qts[1]), *rb, ACTS[act],
-      threads=[64, -(-inter // _ROWS_PER_GROUP)], group_size=[64, 1])
+    k(raw_gate, raw_up, x2, y, in_features, inter, m, qtype_gate, qtype_up, _row_bytes(qtype_gate, in_features),
+      _row_bytes(qtype_up, in_features), ACTS[act], threads=[64, -(-inter // _ROWS_PER_GROUP)], group_size=[64, 1])
     return y.view(*x.shape[:-1], inter)
 
 
