@@ -4,7 +4,8 @@
 // Launch 1, attn_split_<dt>: threads [ATT_THREADS, nsplit, B * T * Hkv * nhg], group [ATT_THREADS, 1, 1].
 //   One threadgroup = (batch b, query t, kv head, group of hg <= ATT_HMAX query heads of that kv head,
 //   split). Query t sits at cache slot p = pos[t] and sees the slots [lo, p] (lo = p - window + 1 with
-//   a window), minus those whose attention_mask is 0 (slot p itself always stays). That range is cut
+//   a window), minus those whose attention_mask is 0 (slot p itself always stays; slots past the
+//   mask's length stay too). That range is cut
 //   into nsplit equal chunks (of at least one block) on the GPU, so no slot past p (the unused tail of the cache) and none
 //   before the window is ever read, and no host sync is needed to know p.
 //   Per step of ATT_BLOCK = 128 keys, thread i owns key i: its K row is read once and dotted with all
@@ -105,7 +106,7 @@ kernel void attn_split(
         const int nv = int(min(long(ATT_BLOCK), s_end - s0));
         // 1. scores of key s0 + tid for every head of the group
         const long s = s0 + tid;
-        const bool valid = tid < nv && (s == p || mask_esize == 0 || attn_keep(mask, mask_esize, mrow, s));
+        const bool valid = tid < nv && (s == p || mask_esize == 0 || s >= mask_len || attn_keep(mask, mask_esize, mrow, s));
         float sc[ATT_HMAX];
         for (int h = 0; h < ATT_HMAX; ++h) sc[h] = 0.f;
         if (valid) {

@@ -24,8 +24,10 @@ def reference(q, k, v, pos, mask, window, scale):
     if window:
         allowed = allowed & (pos[:, None] - s[None] < window)
     allowed = allowed[None].expand(B, T, S)
-    if mask is not None:
-        allowed = allowed & mask[:, None, :S].bool()
+    if mask is not None:  # transformers' expansion of a 2-D mask: columns past its end are kept
+        m = torch.ones(B, S, dtype=torch.bool)
+        m[:, : min(S, mask.shape[1])] = mask[:, :S].bool()
+        allowed = allowed & m[:, None]
     allowed = allowed | (s[None] == pos[:, None])[None]
     kk, vv = repeat_kv(k.double(), Hq // Hkv), repeat_kv(v.double(), Hq // Hkv)
     o = F.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=allowed[:, None], scale=scale)
@@ -126,6 +128,19 @@ def test_metal_split_sequence(metal_device, window):
     check(y, reference(q, k, v, pos, mask, window, D**-0.5), torch.float32)
 
 
+def test_mask_shorter_than_the_cache(metal_device):
+    """generate() with a static cache: the 2-D mask covers the tokens so far, the cache is longer."""
+    q, k, v = make(2, 4, 2, 1, 64, 48, seed=6)
+    pos, mask = torch.tensor([20]), left_padding(2, 21, [0, 4])
+    ref = reference(q, k, v, pos, mask, 0, 0.125)
+    padded = torch.cat((mask, torch.zeros(2, 27, dtype=torch.long)), 1)  # slots past p never matter
+    check(torch.ops.ferrum.decode_attention(q, k, v, pos, mask, 0, 0.125), ref, torch.float32)
+    check(torch.ops.ferrum.decode_attention(q, k, v, pos, padded, 0, 0.125), ref, torch.float32)
+    dev = metal_device
+    y = metal.decode_attention(q.to(dev), k.to(dev), v.to(dev), pos.to(dev), mask[:, :15].to(dev), 0, 0.125)
+    check(y, reference(q, k, v, pos, mask[:, :15], 0, 0.125), torch.float32)
+
+
 def test_metal_one_launch_for_short_caches(metal_device):
     q, k, v = make(1, 2, 1, 1, 64, 64)
     counting = _CountingCompiler(shaders.get_shader_compiler())
@@ -190,7 +205,7 @@ def test_bad_input_raises(metal_device):
         with pytest.raises(ValueError, match="cache_position"):
             fn(q, k, v, pos.int(), None, 0, 0.1)
         with pytest.raises(ValueError, match="attention_mask has shape"):
-            fn(q, k, v, pos, torch.ones(1, 5, dtype=torch.long), 0, 0.1)
+            fn(q, k, v, pos, torch.ones(2, 8, dtype=torch.long), 0, 0.1)
         with pytest.raises(TypeError, match="attention_mask must be bool or integer"):
             fn(q, k, v, pos, torch.ones(1, 8), 0, 0.1)
         with pytest.raises(ValueError, match="head_dim"):

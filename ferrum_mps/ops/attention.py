@@ -8,7 +8,9 @@ implementation (metal_ops/attention.metal: flash-decoding, 1 launch for short ca
 Semantics (those of models/base.py's `_masks` + `sdpa_gqa`): query t sits at cache slot
 p = cache_position[t] and attends to the slots s with s <= p, p - s < window (window > 0),
 attention_mask[b, s] != 0, and always to s == p itself (a left-padding query then sees
-only itself instead of giving NaN). GQA: query head h reads kv head h // (Hq // Hkv).
+only itself instead of giving NaN). A 2-D mask shorter than the cache (generate()'s mask
+grows by one column per step) keeps the slots past its end, as transformers does when it
+expands a 2-D mask over a static cache. GQA: query head h reads kv head h // (Hq // Hkv).
 Softmax and accumulation in float32; the result has q's dtype, laid out [B, T, Hq * D]
 (what o_proj takes).
 """
@@ -66,8 +68,8 @@ def check_decode_attention(q, k_cache, v_cache, cache_position, attention_mask, 
     if attention_mask is not None:
         if attention_mask.dtype not in _MASK_DTYPES:
             raise TypeError(f"attention_mask must be bool or integer (nonzero = keep), got {attention_mask.dtype}")
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < S:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, >= {S})")
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, mask length)")
     if window < 0:
         raise ValueError(f"window must be >= 0 (0 = no sliding window), got {window}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("cache_position", cache_position), ("attention_mask", attention_mask)):
@@ -104,7 +106,10 @@ def decode_attention(
         allowed = allowed & (pos[:, None] - s[None] < window)
     allowed = allowed[None].expand(B, T, hi)
     if attention_mask is not None:
-        allowed = allowed & (attention_mask[:, None, :hi] != 0)
+        keep = attention_mask[:, :hi] != 0
+        if keep.shape[1] < hi:  # slots past the mask's end are kept
+            keep = torch.cat((keep, keep.new_ones(B, hi - keep.shape[1])), 1)
+        allowed = allowed & keep[:, None]
     allowed = allowed | (s[None] == pos[:, None])[None]
     G = Hq // Hkv
     k = k_cache[:, :, :hi].float()
