@@ -85,11 +85,11 @@ class Counting:
 def harness_runs():
     from ferrum_mps.testing.metal_sim import compile_shader
 
-    Hq, Hkv, D, dt = MODELS["gemma-3-270m"]
-    print(f"\nUnder the Metal-on-CPU harness (fibers, one core: total work, not GPU speed), gemma-3-270m dims, {dt}")
-    hdr = ["cache S", "p", "splits", "launches", "harness s", "ns/slot", "1-split harness s", "max |err| vs CPU op", "CPU op s"]
+    print("\nUnder the Metal-on-CPU harness (fibers, one core: total work, not GPU speed); p = S - 1")
+    hdr = ["model", "cache S", "splits", "launches", "harness s", "ns/slot", "1-split harness s", "max |err| vs CPU op", "CPU op s"]
     rows = []
-    for S in (4096, 32768):
+    for name, S in (("gemma-3-270m", 4096), ("gemma-3-270m", 32768), ("qwen3-30b-a3b", 4096), ("qwen3-30b-a3b", 32768)):
+        Hq, Hkv, D, dt = MODELS[name]
         g = torch.Generator().manual_seed(S)
         q = torch.randn(1, Hq, 1, D, generator=g).to(dt)
         k = torch.randn(1, Hkv, S, D, generator=g).to(dt)
@@ -116,7 +116,7 @@ def harness_runs():
         ref = torch.ops.ferrum.decode_attention(q.float(), k.float(), v.float(), pos, None, 0, D**-0.5)
         dt_cpu = time.perf_counter() - t
         err = max((y.float() - ref).abs().max().item(), (y1.float() - ref).abs().max().item())
-        rows.append([S, S - 1, A.attention_plan(1, 1, Hq, Hkv, S)[2], launches, f"{dt_split:.3f}", f"{dt_split / S * 1e9:.0f}",
+        rows.append([name, S, A.attention_plan(1, 1, Hq, Hkv, S)[2], launches, f"{dt_split:.3f}", f"{dt_split / S * 1e9:.0f}",
                      f"{dt_one:.3f}", f"{err:.2e}", f"{dt_cpu:.3f}"])
     widths = [max(len(str(r[i])) for r in rows + [hdr]) for i in range(len(hdr))]
     for r in [hdr] + rows:
