@@ -8,8 +8,8 @@
 //   mask's length stay too). That range is cut
 //   into nsplit equal chunks (of at least one block) on the GPU, so no slot past p (the unused tail of the cache) and none
 //   before the window is ever read, and no host sync is needed to know p.
-//   Per step of ATT_BLOCK = 128 keys, thread i owns key i: its K row is read once and dotted with all
-//   hg query heads (GQA without repeating K/V), then online softmax in float32 (running max m and sum
+//   Per step of ATT_BLOCK = 128 keys, thread i owns key i: its K row is read once (by 4 lanes,
+//   coalesced) and dotted with all hg query heads (GQA without repeating K/V), then online softmax in float32 (running max m and sum
 //   l per head, kept identically in every thread), then thread i owns (head, dim) outputs
 //   i, i + 128, ... and reads each V row once for all heads (coalesced along D).
 //   direct = 1 (one split): normalises and writes out [B, T, Hq * D] itself: one launch in all.
@@ -104,16 +104,35 @@ kernel void attn_split(
 
     for (long s0 = s_begin; s0 < s_end; s0 += ATT_BLOCK) {
         const int nv = int(min(long(ATT_BLOCK), s_end - s0));
-        // 1. scores of key s0 + tid for every head of the group
+        // 1. scores. Thread tid ends with the scores of key s0 + tid for every head of the group, but
+        //    K is read coalesced: 4 lanes per key, lane part c reads elements 16i + 4c .. +3 (a quad
+        //    reads 16 contiguous values), 8 keys per pass and 4 passes per simdgroup; the quad's partial
+        //    sums meet by 2 xor shuffles and go to the key's owner lane by one shuffle.
         const long s = s0 + tid;
         const bool valid = tid < nv && (s == p || mask_esize == 0 || s >= mask_len || attn_keep(mask, mask_esize, mrow, s));
         float sc[ATT_HMAX];
         for (int h = 0; h < ATT_HMAX; ++h) sc[h] = 0.f;
-        if (valid) {
-            device const T *kr = kb + s * D;
-            for (int d = 0; d < int(D); ++d) {
-                const float kv = float(kr[d]);
-                for (int h = 0; h < nh; ++h) sc[h] += qs[h * int(D) + d] * kv;
+        const short c = lane % 4;
+        for (short r = 0; r < 4; ++r) {
+            const int kk = 32 * sg + 8 * r + lane / 4;  // this quad's key in the block
+            float part[ATT_HMAX];
+            for (int h = 0; h < ATT_HMAX; ++h) part[h] = 0.f;
+            if (kk < nv) {
+                device const T *kr = kb + (s0 + kk) * D + 4 * c;
+                for (int d0 = 0; d0 < int(D); d0 += 16) {
+                    const float k0 = float(kr[d0]), k1 = float(kr[d0 + 1]), k2 = float(kr[d0 + 2]), k3 = float(kr[d0 + 3]);
+                    for (int h = 0; h < nh; ++h) {
+                        threadgroup const float *qh = qs + h * int(D) + d0 + 4 * c;
+                        part[h] += qh[0] * k0 + qh[1] * k1 + qh[2] * k2 + qh[3] * k3;
+                    }
+                }
+            }
+            for (int h = 0; h < nh; ++h) {
+                float x = part[h];
+                x += simd_shuffle_xor(x, ushort(1));
+                x += simd_shuffle_xor(x, ushort(2));
+                x = simd_shuffle(x, ushort(4 * (lane % 8)));  // lane L of pass L / 8 owns key 8 (L / 8) + L % 8
+                if (lane / 8 == r) sc[h] = x;
             }
         }
         for (int h = 0; h < nh; ++h) {

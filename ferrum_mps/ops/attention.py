@@ -61,8 +61,8 @@ def check_decode_attention(q, k_cache, v_cache, cache_position, attention_mask, 
         raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} (batch and head_dim must agree)")
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
-    if not 0 < D <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {D} outside 1..{MAX_HEAD_DIM}")
+    if not 0 < D <= MAX_HEAD_DIM or D % 16:
+        raise ValueError(f"head_dim {D} must be a multiple of 16 in 16..{MAX_HEAD_DIM} (4 lanes x 4 values per K step)")
     if cache_position.dtype != torch.int64 or cache_position.shape != (T,):
         raise ValueError(f"cache_position must be int64 of shape ({T},), got {cache_position.dtype} {tuple(cache_position.shape)}")
     if attention_mask is not None:
