@@ -193,6 +193,54 @@ def _moe_ffn_args(qt, dtype, tokens, g, env):
     return (x, w, ids, *stacks, int(qt), int(qt), int(qt), inter)
 
 
+def _rms_norm_args(dtype, g, env):
+    h = env.size(256, 2048)
+    return randn(g, 3, h, dtype=dtype) * 4, (1 + 0.1 * randn(g, h)).to(dtype), 1e-6
+
+
+def _add_rms_norm_args(dtype, g, env):
+    x, w, eps = _rms_norm_args(dtype, g, env)
+    return x, randn(g, *x.shape, dtype=dtype), w, eps
+
+
+def _qk_norm_rope_cache_args(dtype, interleaved, g, env):
+    b, t, hq, hkv, d, s = 1, 2, 4, 2, 64, env.size(16, 256)
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, d, 2, dtype=F32) / d)
+    pos = torch.tensor([[s - 3, s - 2]])
+    return (randn(g, b, t, hq, d, dtype=dtype), randn(g, b, t, hkv, d, dtype=dtype), randn(g, b, t, hkv, d, dtype=dtype),
+            (1 + 0.1 * randn(g, d)).to(dtype), (1 + 0.1 * randn(g, d)).to(dtype), 1e-6, inv_freq, pos, interleaved,
+            randn(g, b, hkv, s, d, dtype=dtype), randn(g, b, hkv, s, d, dtype=dtype), pos[0].clone())
+
+
+def _moe_gate_route_args(dtype, experts, k, g, env):
+    # Small integers: the router logits are exact in float32 whatever the summation order, so the
+    # device and the CPU round them to the same half values and pick the same experts.
+    h = env.size(256, 2048)
+    x = torch.randint(-2, 3, (env.size(4, 64), h), generator=g).to(dtype)
+    w = (torch.randint(-2, 3, (experts, h), generator=g) / 16).to(dtype)
+    return x, w, k, True
+
+
+def _decode_attention_args(dtype, t, s, window, g, env):
+    b, hq, hkv, d = 2, 8, 2, 64
+    pos = torch.arange(s - t, s)
+    mask = torch.ones(b, s, dtype=torch.int64)
+    mask[1, :3] = 0  # left padding of the second sequence
+    return (randn(g, b, hq, t, d, dtype=dtype), randn(g, b, hkv, s, d, dtype=dtype), randn(g, b, hkv, s, d, dtype=dtype),
+            pos, mask, window, d ** -0.5)
+
+
+def _qkv_linear_args(dtype, m, g, env):
+    n_q, n_kv, k = env.size(64, 1024), env.size(32, 256), env.size(256, 2048)
+    return (randn(g, m, k, dtype=dtype), weights(g, Q.Q4_K, n_q, k), int(Q.Q4_K), weights(g, Q.Q4_K, n_kv, k), int(Q.Q4_K),
+            weights(g, Q.Q6_K, n_kv, k), int(Q.Q6_K), n_q, n_kv, k)  # Q4_K_M's mix: attn_v in Q6_K
+
+
+def _gate_up_act_args(dtype, m, qt, act, g, env):
+    inter, k = env.size(64, 1536), cols_for(qt, env)
+    return randn(g, m, k, dtype=dtype), weights(g, qt, inter, k), int(qt), weights(g, qt, inter, k), int(qt), inter, k, act
+
+
 # Token counts on both sides of each kernel switch: qlinear's m = 1 mat-vec, 2-8 small batch, > 8
 # mat-mat; the MoE ops' mat-vec below moe._MM_MIN_TOKENS and bucketed mat-mat from it on.
 QLINEAR_M = {"m=1": 1, "m=5": 5, "m=9": 9}
@@ -218,6 +266,24 @@ CHECKS: list[Check] = [
     *[Check(f"moe_ffn {qt.name} {_DT[dt]} {tn}", op_check("moe_ffn", partial(_moe_ffn_args, qt, dt, t)), TOL[dt],
             _quick(qt, dt) and qt != Q.Q6_K)
       for qt in MOE_TYPES for dt in DTYPES for tn, t in MOE_TOKENS.items()],
+    # fused decode ops (norm / attention branches)
+    *[Check(f"rms_norm {_DT[dt]}", op_check("rms_norm", partial(_rms_norm_args, dt)), TOL[dt], _quick(None, dt)) for dt in DTYPES],
+    *[Check(f"add_rms_norm {_DT[dt]}", op_check("add_rms_norm", partial(_add_rms_norm_args, dt)), TOL[dt], _quick(None, dt))
+      for dt in DTYPES],
+    *[Check(f"qk_norm_rope_cache {_DT[dt]} {'interleaved' if il else 'neox'}",
+            op_check("qk_norm_rope_cache", partial(_qk_norm_rope_cache_args, dt, il), mutated=(9, 10)), TOL[dt], _quick(None, dt))
+      for dt in DTYPES for il in (False, True)],
+    *[Check(f"moe_gate_route {_DT[dt]} E={e} k={k}", op_check("moe_gate_route", partial(_moe_gate_route_args, dt, e, k)), TOL[F32],
+            _quick(None, dt)) for dt in DTYPES for e, k in ((8, 2), (128, 8))],
+    *[Check(f"decode_attention {_DT[dt]} {name}", op_check("decode_attention", partial(_decode_attention_args, dt, t, s, w)),
+            TOL[dt], _quick(None, dt))
+      for dt in DTYPES for name, t, s, w in (("S=40", 1, 40, 0), ("S=300 window=100 split", 2, 300, 100))],
+    *[Check(f"qkv_linear Q4_K/Q6_K {_DT[dt]} m={m}", op_check("qkv_linear", partial(_qkv_linear_args, dt, m)), TOL[dt], _quick(None, dt))
+      for dt in DTYPES for m in (1, 4)],
+    *[Check(f"gate_up_act {qt.name} {_DT[dt]} {act} m={m}", op_check("gate_up_act", partial(_gate_up_act_args, dt, m, qt, act)),
+            TOL[dt], _quick(qt, dt) and m == 1)
+      for qt in (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K) for dt in DTYPES for m in (1, 3)
+      for act in ("silu",) + (("gelu_pytorch_tanh",) if qt == Q.Q4_K else ())],  # gelu: Gemma's MLP
 ]
 
 
