@@ -366,7 +366,7 @@ _MATVEC_BYTES, _MATVEC_COLS = 96 << 20, 4096
 
 def matvec_bandwidth(env: Env, out, peak: float | None) -> None:
     g = torch.Generator().manual_seed(0)
-    print(f"{'mat-vec (m=1, float16)':<28} {'MB/call':>8} {'us/call':>9} {'GB/s':>7} {'of peak':>8}", file=out)
+    print(f"{'mat-vec (m=1, float16)':<32} {'MB/call':>8} {'us/call':>9} {'GB/s':>7} {'of peak':>8}", file=out)
     for qt in MATVEC_TYPES:
         rows = _MATVEC_BYTES // quants.row_nbytes(qt, _MATVEC_COLS)
         ws = [_tiled(qt, rows, _MATVEC_COLS, g).to(env.device) for _ in range(2)]
@@ -405,8 +405,8 @@ def decode_step_bandwidth(env: Env, out, peak: float | None) -> None:
     with torch.inference_mode():
         model.decode_step(ids[:, :prompt], cache, pos[:prompt])
         s = _timed(lambda: model.decode_step(ids[:, prompt:], cache, pos[prompt:]), reps=20)
-    print(f"{'decode step':<28} {'MB/token':>8} {'us/token':>9} {'GB/s':>7} {'of peak':>8}", file=out)
-    _bandwidth_line(f"Qwen3-30B-A3B layer, {str(model.dtype).removeprefix('torch.')}", nbytes, s, peak, out)
+    print(f"{'decode step':<32} {'MB/token':>8} {'us/token':>9} {'GB/s':>7} {'of peak':>8}", file=out)
+    _bandwidth_line(f"Qwen3-30B-A3B layer {_DT[model.dtype]}", nbytes, s, peak, out)
     print(f"  (1 layer of 48: embedding row, attention, router, {k} of {e} experts, a {cfg.vocab_size}-token head;"
           f" eager, the StaticCache bounds check syncs the host each step)", file=out)
 
@@ -414,7 +414,7 @@ def decode_step_bandwidth(env: Env, out, peak: float | None) -> None:
 def _bandwidth_line(what: str, nbytes: float, seconds: float, peak: float | None, out) -> None:
     gbps = nbytes / seconds / 1e9
     share = f"{100 * gbps / peak:7.0f}%" if peak else f"{'?':>8}"
-    print(f"  {what:<26} {nbytes / 1e6:8.1f} {seconds * 1e6:9.0f} {gbps:7.1f} {share}", file=out, flush=True)
+    print(f"  {what:<30} {nbytes / 1e6:8.1f} {seconds * 1e6:9.0f} {gbps:7.1f} {share}", file=out, flush=True)
 
 
 # ------------------------------------------------------------------------------------ command
