@@ -364,22 +364,22 @@ MATVEC_TYPES = (Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 _MATVEC_BYTES, _MATVEC_COLS = 96 << 20, 4096
 
 
-def matvec_bandwidth(env: Env, out, peak: float | None) -> None:
+def matvec_bandwidth(env: Env, out, peak: float | None, dtypes=(F16, BF16)) -> None:
     g = torch.Generator().manual_seed(0)
-    print(f"{'mat-vec (m=1, float16)':<32} {'MB/call':>8} {'us/call':>9} {'GB/s':>7} {'of peak':>8}", file=out)
+    print(f"{'mat-vec (m=1)':<32} {'MB/call':>8} {'us/call':>9} {'GB/s':>7} {'of peak':>8}", file=out)
     for qt in MATVEC_TYPES:
         rows = _MATVEC_BYTES // quants.row_nbytes(qt, _MATVEC_COLS)
         ws = [_tiled(qt, rows, _MATVEC_COLS, g).to(env.device) for _ in range(2)]
-        x = torch.randn(1, _MATVEC_COLS, generator=g).to(F16).to(env.device)
-        state = [0]
+        for dt in dtypes:
+            x = torch.randn(1, _MATVEC_COLS, generator=g).to(dt).to(env.device)
+            state = [0]
 
-        def call():
-            state[0] ^= 1
-            return torch.ops.ferrum.qlinear(x, ws[state[0]], int(qt), rows, _MATVEC_COLS)
+            def call():
+                state[0] ^= 1
+                return torch.ops.ferrum.qlinear(x, ws[state[0]], int(qt), rows, _MATVEC_COLS)
 
-        s = _timed(call, reps=40)
-        nbytes = ws[0].numel()
-        _bandwidth_line(f"{qt.name} {rows}x{_MATVEC_COLS}", nbytes, s, peak, out)
+            s = _timed(call, reps=40)
+            _bandwidth_line(f"{qt.name} {rows}x{_MATVEC_COLS} {_DT[dt]}", ws[0].numel(), s, peak, out)
         del ws
 
 
@@ -470,7 +470,7 @@ def run(args: argparse.Namespace, out=sys.stdout, compiler: Callable | None = No
         else:
             peak = peak_bandwidth(brand)
             print(f"bandwidth: peak of this chip {f'{peak:.0f} GB/s' if peak else 'unknown'}", file=out)
-            matvec_bandwidth(env, out, peak)
+            matvec_bandwidth(env, out, peak, DTYPES[1:] if bf16 else DTYPES[1:2])
             decode_step_bandwidth(env, out, peak)
     return 1 if failed else 0
 

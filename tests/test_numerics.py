@@ -42,3 +42,38 @@ def test_half_activations_track_float32(synth, reference, dtype):
     agree, mean_bound, max_bound = BOUNDS[dtype]
     assert top1 >= agree, (top1, d.mean().item())
     assert d.mean(-1).mean().item() <= mean_bound and d.max().item() <= max_bound, (d.mean().item(), d.max().item())
+
+
+def _residual_max(model):
+    """Forward hooks recording the largest |value| any decoder block outputs (the residual stream)."""
+    seen = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda m, a, out: seen.append(out.detach().abs().float().max().item()))
+    return seen
+
+
+def test_gemma_residual_overflows_float16_not_bfloat16(gemma_gguf_path):
+    """Why MPS defaults to bfloat16: the real Gemma-3-270M's residual stream passes float16's 65504
+    (1.04e5 at layer 14, from the BOS position), so float16 activations turn the logits non-finite."""
+    ids = torch.tensor([[2, 818, 5279, 529, 7001, 563, 236764, 107]])  # <bos> and a few ordinary tokens
+    logits, peak = {}, {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        model = load_model(gemma_gguf_path, device="cpu", dtype=dtype, progress=False)
+        seen = _residual_max(model)
+        with torch.no_grad():
+            logits[dtype] = model(ids).logits[0].float()
+        peak[dtype] = max(seen)
+    assert peak[torch.float32] > torch.finfo(torch.float16).max  # the stream itself exceeds float16
+    assert not torch.isfinite(logits[torch.float16]).all()
+    assert torch.isfinite(logits[torch.bfloat16]).all() and peak[torch.bfloat16] < float("inf")
+    agree = (logits[torch.bfloat16].argmax(-1) == logits[torch.float32].argmax(-1)).float().mean().item()
+    assert agree >= 0.75, agree
+
+
+def test_default_dtype(monkeypatch):
+    from ferrum_mps.loading import default_dtype
+
+    assert default_dtype(torch.device("cpu")) == torch.float32
+    for macos14, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor, v=macos14: v if major >= 14 else True)
+        assert default_dtype(torch.device("mps")) == want
