@@ -26,7 +26,7 @@ import torch
 
 F16_MAX = torch.finfo(torch.float16).max  # 65504
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", "float16+f32 residual": "f16+f32res"}
 
 
 class ActivationMax:
@@ -94,21 +94,50 @@ def token_ids(name: str, path: Path, n: int, vocab: int) -> torch.Tensor:
     return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(0))
 
 
-def study(name: str, path: Path, tokens: int, chunk: int) -> dict:
+F16_F32_RESIDUAL = "float16+f32 residual"
+
+
+def keep_residual_float32(model):
+    """Experiment (not the library's behaviour): float16 everywhere except the residual stream, as
+    llama.cpp keeps it: the stream and the final norm in float32, each block's norms cast to float16."""
+    import types
+
+    from torch import nn
+
+    dt = model.layers[0].input_layernorm.weight.dtype
+    model.norm.weight = nn.Parameter(model.norm.weight.float(), requires_grad=False)  # the stream starts float32
+
+    def forward(self, x, rope, cs, mask, cache, idx, cache_position):
+        h = self.self_attn(self.input_layernorm(x).to(dt), rope, cs, mask, cache, idx, cache_position)
+        x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h)).float()
+        h = self.mlp(self.post_attention_layernorm(x).to(dt))
+        return x + (h if self.post_ffn_norm is None else self.post_ffn_norm(h)).float()
+
+    for layer in model.layers:
+        layer.forward = types.MethodType(forward, layer)
+    return model
+
+
+def study(name: str, path: Path, tokens: int, chunk: int, variants=DTYPES) -> dict:
     from transformers.cache_utils import DynamicCache
 
     from ferrum_mps import load_model
 
-    models = {dt: load_model(path, device="cpu", dtype=dt, progress=False) for dt in DTYPES}
+    def load(v):
+        if v == F16_F32_RESIDUAL:
+            return keep_residual_float32(load_model(path, device="cpu", dtype=torch.float16, progress=False))
+        return load_model(path, device="cpu", dtype=v, progress=False)
+
+    models = {v: load(v) for v in variants}
     ids = token_ids(name, path, tokens, models[torch.float32].config.vocab_size)
     probes = {dt: ActivationMax(m) for dt, m in models.items()}
-    caches = {dt: DynamicCache() for dt in DTYPES}
-    drift = {dt: Drift() for dt in DTYPES[1:]}
-    seconds = dict.fromkeys(DTYPES, 0.0)
+    caches = {v: DynamicCache() for v in variants}
+    drift = {v: Drift() for v in variants[1:]}
+    seconds = dict.fromkeys(variants, 0.0)
     with torch.inference_mode():
         for s in range(0, ids.shape[1], chunk):
             part, ref = ids[:, s : s + chunk], None
-            for dt in DTYPES:
+            for dt in variants:
                 t0 = time.perf_counter()
                 logits = models[dt](part, past_key_values=caches[dt], use_cache=True).logits[0].float()
                 seconds[dt] += time.perf_counter() - t0
@@ -116,7 +145,7 @@ def study(name: str, path: Path, tokens: int, chunk: int) -> dict:
                     ref = logits
                 else:
                     drift[dt].add(ref, logits)
-    return {"name": name, "tokens": ids.shape[1], "probes": probes, "drift": drift, "seconds": seconds}
+    return {"name": name, "tokens": ids.shape[1], "probes": probes, "drift": drift, "seconds": seconds, "variants": variants}
 
 
 def _argmax(xs: list[float]) -> tuple[float, int]:
@@ -127,10 +156,10 @@ def _argmax(xs: list[float]) -> tuple[float, int]:
 def print_report(r: dict) -> None:
     print(f"\n== {r['name']}: {r['tokens']} tokens teacher-forced "
           f"(CPU seconds: {', '.join(f'{_NAME[d]} {s:.0f}' for d, s in r['seconds'].items())})")
-    print(f"{'dtype':<9} {'finite':>6} {'top-1 agree':>11} {'max|dlogit|':>11} {'mean|dlogit|':>12} "
+    print(f"{'dtype':<10} {'finite':>6} {'top-1 agree':>11} {'max|dlogit|':>11} {'mean|dlogit|':>12} "
           f"{'max|logit|':>10} {'mean KL':>8} {'max KL':>8} {'max|resid| (layer)':>19} {'/65504':>7} "
           f"{'max|mlp h|':>10}")
-    for dt in DTYPES:
+    for dt in r["variants"]:
         p = r["probes"][dt]
         res, li = _argmax(p.residual)
         hid = max(p.hidden)
@@ -142,7 +171,7 @@ def print_report(r: dict) -> None:
             cols = (f"{'yes' if finite else 'NO':>6} {100 * d.top1 / d.positions:>10.1f}% {d.max_abs:>11.3g} "
                     f"{d.sum_abs / d.positions:>12.3g} {d.ref_max:>10.3g} {d.kl_sum / d.positions:>8.2g} {d.kl_max:>8.2g}")
         hid = f"{hid:>10.4g}" if hid else f"{'(moe)':>10}"  # MoE hidden states stay float32 inside moe_ffn
-        print(f"{_NAME[dt]:<9} {cols} {res:>13.4g} ({li:>2}) {res / F16_MAX:>7.3f} {hid}")
+        print(f"{_NAME[dt]:<10} {cols} {res:>13.4g} ({li:>2}) {res / F16_MAX:>7.3f} {hid}")
     p32 = r["probes"][torch.float32]
     print("per layer, float32 run: max |residual| / max |MLP hidden|  (float16 overflows at 65504)")
     row = [f"{i}:{a:.3g}/{b:.3g}" for i, (a, b) in enumerate(zip(p32.residual, p32.hidden))]
@@ -170,10 +199,13 @@ def main() -> None:
     p.add_argument("--gguf", help="study this GGUF instead (random token ids)")
     p.add_argument("--tokens", type=int, default=320)
     p.add_argument("--chunk", type=int, default=64, help="prefill chunk (CPU float16 is slow token by token)")
+    p.add_argument("--f32-residual", action="store_true",
+                   help="also float16 with the residual stream kept in float32 (an experiment, patched in here)")
     a = p.parse_args()
     names = ["file"] if a.gguf else a.models
     for name in names:
-        print_report(study(name, model_path(name, a.gguf), a.tokens, a.chunk))
+        variants = DTYPES + ((F16_F32_RESIDUAL,) if a.f32_residual else ())
+        print_report(study(name, model_path(name, a.gguf), a.tokens, a.chunk, variants))
 
 
 if __name__ == "__main__":
