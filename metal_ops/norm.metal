@@ -96,15 +96,16 @@ kernel void rms_norm(
     }
 }
 
-// s = T(r + x) (the new residual stream), y = rms_norm(s). Each thread re-reads only the
+// s = TR(r + x), the new residual stream (TR = T, or float for a float32 residual stream under
+// half activations); y = w * T(s * rsqrt(mean(s^2) + eps)). Each thread re-reads only the
 // elements of s it wrote itself.
-template <typename T, int V>
+template <typename T, typename TR, int V>
 kernel void add_rms_norm(
     device const T *x [[buffer(0)]],
-    device const T *res [[buffer(1)]],
+    device const TR *res [[buffer(1)]],
     device const T *w [[buffer(2)]],
     device T *y [[buffer(3)]],
-    device T *s [[buffer(4)]],
+    device TR *s [[buffer(4)]],
     constant long &H [[buffer(5)]],
     constant float &eps [[buffer(6)]],
     uint2 tg [[threadgroup_position_in_grid]],
@@ -115,17 +116,18 @@ kernel void add_rms_norm(
     ushort nsg [[simdgroups_per_threadgroup]])
 {
     typedef lanes<T, V> L;
+    typedef lanes<TR, V> LR;
     threadgroup float part[NORM_MAX_SG];
     const long step = long(ntg.x) * V, off = long(tg.y) * H;
     float ss = 0.0f;
     for (long i = long(tid) * V; i < H; i += step) {
-        const float4 a = round4<T>(L::load(res + off + i) + L::load(x + off + i));
-        L::store(s + off + i, a);
+        const float4 a = round4<TR>(LR::load(res + off + i) + L::load(x + off + i));
+        LR::store(s + off + i, a);
         ss += dot(a, a);
     }
     const float r = precise::rsqrt(tg_sum(ss, part, sg, lane, nsg) / float(H) + eps);
     for (long i = long(tid) * V; i < H; i += step) {
-        L::store(y + off + i, L::load(w + i) * round4<T>(L::load(s + off + i) * r));
+        L::store(y + off + i, L::load(w + i) * round4<T>(LR::load(s + off + i) * r));
     }
 }
 
@@ -308,12 +310,16 @@ kernel void moe_gate_route(
 
 #define NORM_ARGS_ROW(T) device const T *, device const T *, device T *, constant long &, constant float &, \
     uint2, uint2, ushort, ushort, ushort, ushort
-#define NORM_ARGS_ADD(T) device const T *, device const T *, device const T *, device T *, device T *,       \
+#define NORM_ARGS_ADD(T, TR) device const T *, device const TR *, device const T *, device T *, device TR *, \
     constant long &, constant float &, uint2, uint2, ushort, ushort, ushort, ushort
+
+#define ADD_INST(T, TN, TR, RN, V)                                                                             \
+    template [[host_name("add_rms_norm_" #TN "_" #RN "_v" #V)]] kernel void add_rms_norm<T, TR, V>(          \
+        NORM_ARGS_ADD(T, TR));
 
 #define NORM_INST_V(T, TN, V)                                                                                  \
     template [[host_name("rms_norm_" #TN "_v" #V)]] kernel void rms_norm<T, V>(NORM_ARGS_ROW(T));             \
-    template [[host_name("add_rms_norm_" #TN "_v" #V)]] kernel void add_rms_norm<T, V>(NORM_ARGS_ADD(T));
+    ADD_INST(T, TN, T, TN, V)
 
 #define QK_INST(T, TN, TC, CN)                                                                                 \
     template [[host_name("qk_norm_rope_cache_" #TN "_" #CN)]] kernel void qk_norm_rope_cache<T, TC>(          \
@@ -336,10 +342,14 @@ kernel void moe_gate_route(
 
 NORM_INST(float, f32)
 NORM_INST(half, f16)
+ADD_INST(half, f16, float, f32, 1)
+ADD_INST(half, f16, float, f32, 4)
 ROUTE_INST(half, f16, float, f32, 1)
 ROUTE_INST(half, f16, float, f32, 4)
 #if defined(__HAVE_BFLOAT__)
 NORM_INST(bfloat, bf16)
+ADD_INST(bfloat, bf16, float, f32, 1)
+ADD_INST(bfloat, bf16, float, f32, 4)
 QK_INST(float, f32, bfloat, bf16)
 QK_INST(half, f16, bfloat, bf16)
 QK_INST(bfloat, bf16, bfloat, bf16)

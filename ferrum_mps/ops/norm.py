@@ -97,10 +97,10 @@ def _check_norm(x: Tensor, weight: Tensor, eps: float) -> int:
 def _check_add(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> int:
     H = _check_norm(x, weight, eps)
     _check_float(residual, "residual")
-    if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError(
-            f"residual must match x: got {tuple(residual.shape)} {residual.dtype}, x is {tuple(x.shape)} {x.dtype}"
-        )
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"residual must be {x.dtype} (x's dtype) or float32 (a float32 residual stream), got {residual.dtype}")
     _check_devices(x=x, residual=residual)
     return H
 
@@ -162,8 +162,9 @@ def _check_gate_route(x, router_weight, top_k) -> tuple[int, int, int]:
 
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """models/base.py's RMSNorm: float32 statistics, the normalised x rounded to w's dtype, times w."""
     xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(w.dtype)
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
@@ -198,7 +199,9 @@ _lib.define("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -
 
 
 def add_rms_norm_cpu(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(rms_norm(s), s) with s = residual + x in x's dtype: a decoder layer's residual step."""
+    """(normed, s): s = residual + x, the new residual stream, in residual's dtype (x's dtype, or
+    float32 for a float32 residual stream under half activations); normed = rms_norm(s) in x's dtype:
+    weight * T(s * rsqrt(mean(s^2) + eps)), T = x.dtype."""
     _check_add(x, residual, weight, eps)
     s = (residual + x).contiguous()
     return _rms(s, weight, eps).contiguous(), s
@@ -206,7 +209,7 @@ def add_rms_norm_cpu(x: Tensor, residual: Tensor, weight: Tensor, eps: float) ->
 
 def _add_rms_norm_fake(x, residual, weight, eps):
     _check_add(x, residual, weight, eps)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(residual, memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------- ferrum::qk_norm_rope_cache
@@ -334,12 +337,12 @@ def rms_norm_mps(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def add_rms_norm_mps(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     H = _check_add(x, residual, weight, eps)
     x, residual, weight = x.contiguous(), residual.contiguous(), weight.contiguous()
-    y, s = torch.empty_like(x), torch.empty_like(x)
+    y, s = torch.empty_like(x), torch.empty_like(residual)
     rows = x.numel() // H if H else 0
     if rows:
         V = _vec(H, x, residual, weight)
         nt = _width(H // V)
-        k = shaders.kernel("norm.metal", f"add_rms_norm_{_DT[x.dtype]}_v{V}")
+        k = shaders.kernel("norm.metal", f"add_rms_norm_{_DT[x.dtype]}_{_DT[residual.dtype]}_v{V}")
         k(x, residual, weight, y, s, H, float(eps), threads=[nt, rows], group_size=[nt, 1])
     return y, s
 
