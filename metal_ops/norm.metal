@@ -14,19 +14,19 @@
 #define ROUTE_NSG 32       // simdgroups of the router mat-vec: 1024 threads, the most one GPU core
                            // keeps in flight (the whole router matrix is read by one threadgroup)
 
-template <typename T> struct vec4_of;
-template <> struct vec4_of<float> { typedef float4 type; };
-template <> struct vec4_of<half> { typedef half4 type; };
+template <typename T> struct norm_vec4;
+template <> struct norm_vec4<float> { typedef float4 type; };
+template <> struct norm_vec4<half> { typedef half4 type; };
 #if defined(__HAVE_BFLOAT__)
-template <> struct vec4_of<bfloat> { typedef bfloat4 type; };
+template <> struct norm_vec4<bfloat> { typedef bfloat4 type; };
 #endif
 
 // V = 4 consecutive elements as one vector load/store (the launcher checks alignment), or V = 1
 // (then lanes y, z, w read as 0 and are never stored): one kernel body serves both.
-template <typename T, int V> struct lanes;
+template <typename T, int V> struct norm_io;
 
-template <typename T> struct lanes<T, 4> {
-    typedef typename vec4_of<T>::type V4;
+template <typename T> struct norm_io<T, 4> {
+    typedef typename norm_vec4<T>::type V4;
     static float4 load(const device T *p) {
         const V4 a = *((const device V4 *)p);
         return float4(float(a.x), float(a.y), float(a.z), float(a.w));
@@ -41,20 +41,20 @@ template <typename T> struct lanes<T, 4> {
     }
 };
 
-template <typename T> struct lanes<T, 1> {
+template <typename T> struct norm_io<T, 1> {
     static float4 load(const device T *p) { return float4(float(p[0]), 0.0f, 0.0f, 0.0f); }
     static void store(device T *p, float4 v) { p[0] = T(v.x); }
 };
 
 // v rounded to T and back: where torch's code holds an intermediate in the activation dtype.
-template <typename T> inline float4 round4(float4 v) {
+template <typename T> inline float4 norm_round4(float4 v) {
     return float4(float(T(v.x)), float(T(v.y)), float(T(v.z)), float(T(v.w)));
 }
 
-template <typename T> inline float round1(float v) { return float(T(v)); }
+template <typename T> inline float norm_round1(float v) { return float(T(v)); }
 
 // Sum over the threadgroup of every thread's v; all threads get the same value (same order).
-inline float tg_sum(float v, threadgroup float *part, ushort sg, ushort lane, ushort nsg) {
+inline float norm_tg_sum(float v, threadgroup float *part, ushort sg, ushort lane, ushort nsg) {
     v = simd_sum(v);
     if (lane == 0) part[sg] = v;
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -80,7 +80,7 @@ kernel void rms_norm(
     ushort lane [[thread_index_in_simdgroup]],
     ushort nsg [[simdgroups_per_threadgroup]])
 {
-    typedef lanes<T, V> L;
+    typedef norm_io<T, V> L;
     threadgroup float part[NORM_MAX_SG];
     const long step = long(ntg.x) * V;
     const device T *xr = x + long(tg.y) * H;
@@ -90,9 +90,9 @@ kernel void rms_norm(
         const float4 a = L::load(xr + i);
         ss += dot(a, a);
     }
-    const float r = precise::rsqrt(tg_sum(ss, part, sg, lane, nsg) / float(H) + eps);
+    const float r = precise::rsqrt(norm_tg_sum(ss, part, sg, lane, nsg) / float(H) + eps);
     for (long i = long(tid) * V; i < H; i += step) {
-        L::store(yr + i, L::load(w + i) * round4<T>(L::load(xr + i) * r));
+        L::store(yr + i, L::load(w + i) * norm_round4<T>(L::load(xr + i) * r));
     }
 }
 
@@ -115,19 +115,19 @@ kernel void add_rms_norm(
     ushort lane [[thread_index_in_simdgroup]],
     ushort nsg [[simdgroups_per_threadgroup]])
 {
-    typedef lanes<T, V> L;
-    typedef lanes<TR, V> LR;
+    typedef norm_io<T, V> L;
+    typedef norm_io<TR, V> LR;
     threadgroup float part[NORM_MAX_SG];
     const long step = long(ntg.x) * V, off = long(tg.y) * H;
     float ss = 0.0f;
     for (long i = long(tid) * V; i < H; i += step) {
-        const float4 a = round4<TR>(LR::load(res + off + i) + L::load(x + off + i));
+        const float4 a = norm_round4<TR>(LR::load(res + off + i) + L::load(x + off + i));
         LR::store(s + off + i, a);
         ss += dot(a, a);
     }
-    const float r = precise::rsqrt(tg_sum(ss, part, sg, lane, nsg) / float(H) + eps);
+    const float r = precise::rsqrt(norm_tg_sum(ss, part, sg, lane, nsg) / float(H) + eps);
     for (long i = long(tid) * V; i < H; i += step) {
-        L::store(y + off + i, L::load(w + i) * round4<T>(LR::load(s + off + i) * r));
+        L::store(y + off + i, L::load(w + i) * norm_round4<T>(LR::load(s + off + i) * r));
     }
 }
 
@@ -175,11 +175,11 @@ kernel void qk_norm_rope_cache(
     const bool active = long(tid) < half_d;
     const long i0 = inter ? 2 * long(tid) : long(tid), i1 = inter ? i0 + 1 : i0 + half_d;
     float a = active ? float(src[i0]) : 0.0f, c = active ? float(src[i1]) : 0.0f;
-    if (norm) {  // uniform per threadgroup: every thread reaches the barrier inside tg_sum
-        const float r = precise::rsqrt(tg_sum(a * a + c * c, part, sg, lane, nsg) / float(D) + eps);
+    if (norm) {  // uniform per threadgroup: every thread reaches the barrier inside norm_tg_sum
+        const float r = precise::rsqrt(norm_tg_sum(a * a + c * c, part, sg, lane, nsg) / float(D) + eps);
         if (active) {
-            a = round1<T>(float(nw[i0]) * round1<T>(a * r));
-            c = round1<T>(float(nw[i1]) * round1<T>(c * r));
+            a = norm_round1<T>(float(nw[i0]) * norm_round1<T>(a * r));
+            c = norm_round1<T>(float(nw[i1]) * norm_round1<T>(c * r));
         }
     }
     if (!active) return;
@@ -235,10 +235,10 @@ kernel void moe_gate_route(
         const device TW *we = w + e * H;
         float acc = 0.0f;
         for (long i = long(lane) * V; i < H; i += 32 * V) {
-            acc += dot(lanes<T, V>::load(xr + i), lanes<TW, V>::load(we + i));
+            acc += dot(norm_io<T, V>::load(xr + i), norm_io<TW, V>::load(we + i));
         }
         acc = simd_sum(acc);
-        if (lane == 0) logit[e] = round1<T>(acc);
+        if (lane == 0) logit[e] = norm_round1<T>(acc);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (sg != 0) return;
