@@ -6,3 +6,4 @@ from . import linear  # noqa: F401,E402
 
 from . import attention  # noqa: F401,E402
 from . import fused_linear  # noqa: F401,E402
+from . import norm  # noqa: F401,E402
