@@ -11,7 +11,8 @@ excluded) and host microseconds (median of many calls):
   fused via torch.ops: the custom-op dispatcher on "meta" tensors, which runs the fake
          implementation (validation + allocation, as the MPS implementation does): no device work;
   fused launcher: the MPS implementation called directly on CPU tensors with a shader compiler
-         whose kernels do nothing (validation, allocation, argument packing).
+         whose kernels do nothing (validation, allocation, argument packing);
+  unchecked launch: the same without validation (`launch_<op>`, for modules that validate once).
 All in one process, one after the other.
 
     python benchmarks/bench_norm_ops.py                     # Qwen3-30B-A3B and Gemma-3 dims, float32
@@ -30,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ferrum_mps.metal as metal
 import ferrum_mps.ops  # noqa: F401  (registers torch.ops.ferrum.*)
+import ferrum_mps.ops.norm as norm_ops
 from ferrum_mps.models.base import RMSNorm, RoPE, StaticCache
 
 _SKIP = ("empty", "new_empty", "empty_like", "empty_strided", "lift_fresh", "detach", "alias")
@@ -50,6 +52,13 @@ class _Count(TorchDispatchMode):
         if not (func.is_view or name.startswith(_SKIP)):
             self.n += 1
         return func(*args, **(kwargs or {}))
+
+
+class _Unchecked:
+    """The launch functions under the names of the ops."""
+
+    rms_norm, add_rms_norm = norm_ops.launch_rms_norm, norm_ops.launch_add_rms_norm
+    qk_norm_rope_cache, moe_gate_route = norm_ops.launch_qk_norm_rope_cache, norm_ops.launch_moe_gate_route
 
 
 class _StubLibrary:
@@ -121,10 +130,11 @@ def bench(name: str, dtype: torch.dtype, calls: int) -> list[tuple]:
     meta = _pieces(name, dtype, "meta", torch.ops.ferrum)
     with metal.use_shader_compiler(lambda source: _StubLibrary()):
         stub = _pieces(name, dtype, "cpu", metal)
-        for (label, _, via_op), (_, eager, launcher) in zip(meta, stub):
+        bare = _pieces(name, dtype, "cpu", _Unchecked)
+        for (label, _, via_op), (_, eager, launcher), (_, _, unchecked) in zip(meta, stub, bare):
             de, df = _dispatches(eager), _dispatches(launcher)
-            te, to, tl = _host_us(eager, calls), _host_us(via_op, calls), _host_us(launcher, calls)
-            out.append((name, label, de, df, te, to, tl))
+            te, to, tl, tu = (_host_us(f, calls) for f in (eager, via_op, launcher, unchecked))
+            out.append((name, label, de, df, te, to, tl, tu))
     return out
 
 
@@ -136,11 +146,12 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     head = ("model", "piece", "dispatches eager", "fused", "host us eager", "fused via torch.ops", "ratio",
-            "fused launcher only", "ratio")
+            "fused launcher", "ratio", "unchecked launch", "ratio")
     rows = [r for m in a.models for r in bench(m, dtype, a.calls)]
     cells = [head] + [
-        (m, lab, str(de), str(df), f"{te:.1f}", f"{to:.1f}", f"{te / to:.2f}x", f"{tl:.1f}", f"{te / tl:.2f}x")
-        for m, lab, de, df, te, to, tl in rows
+        (m, lab, str(de), str(df), f"{te:.1f}", f"{to:.1f}", f"{te / to:.2f}x", f"{tl:.1f}", f"{te / tl:.2f}x",
+         f"{tu:.1f}", f"{te / tu:.2f}x")
+        for m, lab, de, df, te, to, tl, tu in rows
     ]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     print(f"per decode call (B = 1, T = 1), {a.dtype} activations, {torch.get_num_threads()} CPU threads")

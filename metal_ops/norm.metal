@@ -14,19 +14,19 @@
 #define ROUTE_NSG 32       // simdgroups of the router mat-vec: 1024 threads, the most one GPU core
                            // keeps in flight (the whole router matrix is read by one threadgroup)
 
-template <typename T> struct vec4_of;
-template <> struct vec4_of<float> { typedef float4 type; };
-template <> struct vec4_of<half> { typedef half4 type; };
+template <typename T> struct norm_vec4;
+template <> struct norm_vec4<float> { typedef float4 type; };
+template <> struct norm_vec4<half> { typedef half4 type; };
 #if defined(__HAVE_BFLOAT__)
-template <> struct vec4_of<bfloat> { typedef bfloat4 type; };
+template <> struct norm_vec4<bfloat> { typedef bfloat4 type; };
 #endif
 
 // V = 4 consecutive elements as one vector load/store (the launcher checks alignment), or V = 1
 // (then lanes y, z, w read as 0 and are never stored): one kernel body serves both.
-template <typename T, int V> struct lanes;
+template <typename T, int V> struct norm_io;
 
-template <typename T> struct lanes<T, 4> {
-    typedef typename vec4_of<T>::type V4;
+template <typename T> struct norm_io<T, 4> {
+    typedef typename norm_vec4<T>::type V4;
     static float4 load(const device T *p) {
         const V4 a = *((const device V4 *)p);
         return float4(float(a.x), float(a.y), float(a.z), float(a.w));
@@ -41,20 +41,20 @@ template <typename T> struct lanes<T, 4> {
     }
 };
 
-template <typename T> struct lanes<T, 1> {
+template <typename T> struct norm_io<T, 1> {
     static float4 load(const device T *p) { return float4(float(p[0]), 0.0f, 0.0f, 0.0f); }
     static void store(device T *p, float4 v) { p[0] = T(v.x); }
 };
 
 // v rounded to T and back: where torch's code holds an intermediate in the activation dtype.
-template <typename T> inline float4 round4(float4 v) {
+template <typename T> inline float4 norm_round4(float4 v) {
     return float4(float(T(v.x)), float(T(v.y)), float(T(v.z)), float(T(v.w)));
 }
 
-template <typename T> inline float round1(float v) { return float(T(v)); }
+template <typename T> inline float norm_round1(float v) { return float(T(v)); }
 
 // Sum over the threadgroup of every thread's v; all threads get the same value (same order).
-inline float tg_sum(float v, threadgroup float *part, ushort sg, ushort lane, ushort nsg) {
+inline float norm_tg_sum(float v, threadgroup float *part, ushort sg, ushort lane, ushort nsg) {
     v = simd_sum(v);
     if (lane == 0) part[sg] = v;
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -80,7 +80,7 @@ kernel void rms_norm(
     ushort lane [[thread_index_in_simdgroup]],
     ushort nsg [[simdgroups_per_threadgroup]])
 {
-    typedef lanes<T, V> L;
+    typedef norm_io<T, V> L;
     threadgroup float part[NORM_MAX_SG];
     const long step = long(ntg.x) * V;
     const device T *xr = x + long(tg.y) * H;
@@ -90,21 +90,22 @@ kernel void rms_norm(
         const float4 a = L::load(xr + i);
         ss += dot(a, a);
     }
-    const float r = precise::rsqrt(tg_sum(ss, part, sg, lane, nsg) / float(H) + eps);
+    const float r = precise::rsqrt(norm_tg_sum(ss, part, sg, lane, nsg) / float(H) + eps);
     for (long i = long(tid) * V; i < H; i += step) {
-        L::store(yr + i, L::load(w + i) * round4<T>(L::load(xr + i) * r));
+        L::store(yr + i, L::load(w + i) * norm_round4<T>(L::load(xr + i) * r));
     }
 }
 
-// s = T(r + x) (the new residual stream), y = rms_norm(s). Each thread re-reads only the
+// s = TR(r + x), the new residual stream (TR = T, or float for a float32 residual stream under
+// half activations); y = w * T(s * rsqrt(mean(s^2) + eps)). Each thread re-reads only the
 // elements of s it wrote itself.
-template <typename T, int V>
+template <typename T, typename TR, int V>
 kernel void add_rms_norm(
     device const T *x [[buffer(0)]],
-    device const T *res [[buffer(1)]],
+    device const TR *res [[buffer(1)]],
     device const T *w [[buffer(2)]],
     device T *y [[buffer(3)]],
-    device T *s [[buffer(4)]],
+    device TR *s [[buffer(4)]],
     constant long &H [[buffer(5)]],
     constant float &eps [[buffer(6)]],
     uint2 tg [[threadgroup_position_in_grid]],
@@ -114,18 +115,19 @@ kernel void add_rms_norm(
     ushort lane [[thread_index_in_simdgroup]],
     ushort nsg [[simdgroups_per_threadgroup]])
 {
-    typedef lanes<T, V> L;
+    typedef norm_io<T, V> L;
+    typedef norm_io<TR, V> LR;
     threadgroup float part[NORM_MAX_SG];
     const long step = long(ntg.x) * V, off = long(tg.y) * H;
     float ss = 0.0f;
     for (long i = long(tid) * V; i < H; i += step) {
-        const float4 a = round4<T>(L::load(res + off + i) + L::load(x + off + i));
-        L::store(s + off + i, a);
+        const float4 a = norm_round4<TR>(LR::load(res + off + i) + L::load(x + off + i));
+        LR::store(s + off + i, a);
         ss += dot(a, a);
     }
-    const float r = precise::rsqrt(tg_sum(ss, part, sg, lane, nsg) / float(H) + eps);
+    const float r = precise::rsqrt(norm_tg_sum(ss, part, sg, lane, nsg) / float(H) + eps);
     for (long i = long(tid) * V; i < H; i += step) {
-        L::store(y + off + i, L::load(w + i) * round4<T>(L::load(s + off + i) * r));
+        L::store(y + off + i, L::load(w + i) * norm_round4<T>(LR::load(s + off + i) * r));
     }
 }
 
@@ -173,11 +175,11 @@ kernel void qk_norm_rope_cache(
     const bool active = long(tid) < half_d;
     const long i0 = inter ? 2 * long(tid) : long(tid), i1 = inter ? i0 + 1 : i0 + half_d;
     float a = active ? float(src[i0]) : 0.0f, c = active ? float(src[i1]) : 0.0f;
-    if (norm) {  // uniform per threadgroup: every thread reaches the barrier inside tg_sum
-        const float r = precise::rsqrt(tg_sum(a * a + c * c, part, sg, lane, nsg) / float(D) + eps);
+    if (norm) {  // uniform per threadgroup: every thread reaches the barrier inside norm_tg_sum
+        const float r = precise::rsqrt(norm_tg_sum(a * a + c * c, part, sg, lane, nsg) / float(D) + eps);
         if (active) {
-            a = round1<T>(float(nw[i0]) * round1<T>(a * r));
-            c = round1<T>(float(nw[i1]) * round1<T>(c * r));
+            a = norm_round1<T>(float(nw[i0]) * norm_round1<T>(a * r));
+            c = norm_round1<T>(float(nw[i1]) * norm_round1<T>(c * r));
         }
     }
     if (!active) return;
@@ -233,10 +235,10 @@ kernel void moe_gate_route(
         const device TW *we = w + e * H;
         float acc = 0.0f;
         for (long i = long(lane) * V; i < H; i += 32 * V) {
-            acc += dot(lanes<T, V>::load(xr + i), lanes<TW, V>::load(we + i));
+            acc += dot(norm_io<T, V>::load(xr + i), norm_io<TW, V>::load(we + i));
         }
         acc = simd_sum(acc);
-        if (lane == 0) logit[e] = round1<T>(acc);
+        if (lane == 0) logit[e] = norm_round1<T>(acc);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (sg != 0) return;
@@ -308,12 +310,16 @@ kernel void moe_gate_route(
 
 #define NORM_ARGS_ROW(T) device const T *, device const T *, device T *, constant long &, constant float &, \
     uint2, uint2, ushort, ushort, ushort, ushort
-#define NORM_ARGS_ADD(T) device const T *, device const T *, device const T *, device T *, device T *,       \
+#define NORM_ARGS_ADD(T, TR) device const T *, device const TR *, device const T *, device T *, device TR *, \
     constant long &, constant float &, uint2, uint2, ushort, ushort, ushort, ushort
+
+#define ADD_INST(T, TN, TR, RN, V)                                                                             \
+    template [[host_name("add_rms_norm_" #TN "_" #RN "_v" #V)]] kernel void add_rms_norm<T, TR, V>(          \
+        NORM_ARGS_ADD(T, TR));
 
 #define NORM_INST_V(T, TN, V)                                                                                  \
     template [[host_name("rms_norm_" #TN "_v" #V)]] kernel void rms_norm<T, V>(NORM_ARGS_ROW(T));             \
-    template [[host_name("add_rms_norm_" #TN "_v" #V)]] kernel void add_rms_norm<T, V>(NORM_ARGS_ADD(T));
+    ADD_INST(T, TN, T, TN, V)
 
 #define QK_INST(T, TN, TC, CN)                                                                                 \
     template [[host_name("qk_norm_rope_cache_" #TN "_" #CN)]] kernel void qk_norm_rope_cache<T, TC>(          \
@@ -336,10 +342,14 @@ kernel void moe_gate_route(
 
 NORM_INST(float, f32)
 NORM_INST(half, f16)
+ADD_INST(half, f16, float, f32, 1)
+ADD_INST(half, f16, float, f32, 4)
 ROUTE_INST(half, f16, float, f32, 1)
 ROUTE_INST(half, f16, float, f32, 4)
 #if defined(__HAVE_BFLOAT__)
 NORM_INST(bfloat, bf16)
+ADD_INST(bfloat, bf16, float, f32, 1)
+ADD_INST(bfloat, bf16, float, f32, 4)
 QK_INST(float, f32, bfloat, bf16)
 QK_INST(half, f16, bfloat, bf16)
 QK_INST(bfloat, bf16, bfloat, bf16)

@@ -86,6 +86,20 @@ def test_add_rms_norm_matches_residual_then_qwen3_rmsnorm(dtype):
     close(normed, ref(res + x), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_add_rms_norm_float32_residual_stream(dtype):
+    # Half activations, float32 residual stream: the sum stays float32, the normed output is x's dtype.
+    H = 64
+    ref = Qwen3RMSNorm(H, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(1 + 0.2 * torch.randn(H, generator=gen(11)))
+    x, res = torch.randn(3, H, generator=gen(12)).to(dtype), 100 * torch.randn(3, H, generator=gen(13))
+    normed, s = ops.add_rms_norm(x, res, ref.weight.detach().to(dtype), 1e-6)
+    assert s.dtype == torch.float32 and normed.dtype == dtype
+    assert torch.equal(s, res + x.float())
+    close(normed, ref(res + x.float()).to(dtype), dtype)  # float32 module, then one rounding
+
+
 def hf_rope(x_bhtd, cos, sin):
     """transformers' apply_rotary_pos_emb on one tensor [B, H, T, D] (cos/sin [B, T, D], float32)."""
     out, _ = apply_rotary_pos_emb(x_bhtd, x_bhtd, cos, sin)
@@ -206,8 +220,8 @@ def test_moe_gate_route_matches_qwen3_moe_router(dtype, normalize):
     _, ref_w, ref_ids = router(x)
     assert ids.dtype == torch.int32 and w.dtype == torch.float32
     assert torch.equal(ids.long(), ref_ids)
-    # transformers rounds the weights to the logits' dtype; ours stay float32.
-    close(w.to(dtype), ref_w, dtype)
+    # transformers casts the weights to its logits' dtype (5.0: float32 probabilities); ours stay float32.
+    close(w.to(ref_w.dtype), ref_w, dtype)
 
 
 def test_moe_gate_route_undefined_softmax_gives_no_expert():
@@ -270,8 +284,10 @@ def test_bad_input_names_the_problem():
         ops.rms_norm(x, torch.ones(8, dtype=torch.float16), 1e-6)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         ops.rms_norm(x.long(), torch.ones(8), 1e-6)
-    with pytest.raises(ValueError, match="residual must match x"):
+    with pytest.raises(ValueError, match="residual must have x's shape"):
         ops.add_rms_norm(x, torch.randn(3, 8), torch.ones(8), 1e-6)
+    with pytest.raises(TypeError, match="residual must be torch.float16"):
+        ops.add_rms_norm(x.half(), torch.randn(2, 8, dtype=torch.bfloat16), torch.ones(8, dtype=torch.float16), 1e-6)
     q, k, v = qk_inputs(1, 2, 2, 1, 8, torch.float32, 0)
     kc = torch.zeros(1, 1, 4, 8)
     ok = dict(inv=torch.ones(4), pos=torch.zeros(1, 2, dtype=torch.long), cp=torch.tensor([0, 1]))
@@ -307,14 +323,14 @@ def test_metal_rms_norm(metal_device, dtype, H):
     close(got, ops.rms_norm(x, w, 1e-6), dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_metal_add_rms_norm(metal_device, dtype):
+@pytest.mark.parametrize("dtype,rdtype", [(t, t) for t in DTYPES] + [(torch.float16, torch.float32), (torch.bfloat16, torch.float32)])
+def test_metal_add_rms_norm(metal_device, dtype, rdtype):
     H = 128
-    x, res = (torch.randn(2, 3, H, generator=gen(s)).to(dtype) for s in (60, 61))
+    x, res = torch.randn(2, 3, H, generator=gen(60)).to(dtype), torch.randn(2, 3, H, generator=gen(61)).to(rdtype)
     w = (1 + 0.2 * torch.randn(H, generator=gen(62))).to(dtype)
     normed, s = metal.add_rms_norm(x.to(metal_device), res.to(metal_device), w.to(metal_device), 1e-5)
     ref_n, ref_s = ops.add_rms_norm(x, res, w, 1e-5)
-    assert torch.equal(s.cpu(), ref_s)
+    assert s.dtype == rdtype and torch.equal(s.cpu(), ref_s)
     close(normed, ref_n, dtype)
 
 

@@ -29,6 +29,7 @@ from .. import shaders
 __all__ = [
     "rms_norm", "add_rms_norm", "qk_norm_rope_cache", "moe_gate_route",  # torch.ops.ferrum.* (set at the end)
     "rms_norm_mps", "add_rms_norm_mps", "qk_norm_rope_cache_mps", "moe_gate_route_mps",
+    "launch_rms_norm", "launch_add_rms_norm", "launch_qk_norm_rope_cache", "launch_moe_gate_route",
 ]
 
 # The ops are defined with torch.library.Library rather than @custom_op: custom_op's Python
@@ -97,10 +98,10 @@ def _check_norm(x: Tensor, weight: Tensor, eps: float) -> int:
 def _check_add(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> int:
     H = _check_norm(x, weight, eps)
     _check_float(residual, "residual")
-    if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError(
-            f"residual must match x: got {tuple(residual.shape)} {residual.dtype}, x is {tuple(x.shape)} {x.dtype}"
-        )
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"residual must be {x.dtype} (x's dtype) or float32 (a float32 residual stream), got {residual.dtype}")
     _check_devices(x=x, residual=residual)
     return H
 
@@ -162,8 +163,9 @@ def _check_gate_route(x, router_weight, top_k) -> tuple[int, int, int]:
 
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """models/base.py's RMSNorm: float32 statistics, the normalised x rounded to w's dtype, times w."""
     xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(w.dtype)
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
@@ -198,7 +200,9 @@ _lib.define("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -
 
 
 def add_rms_norm_cpu(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(rms_norm(s), s) with s = residual + x in x's dtype: a decoder layer's residual step."""
+    """(normed, s): s = residual + x, the new residual stream, in residual's dtype (x's dtype, or
+    float32 for a float32 residual stream under half activations); normed = rms_norm(s) in x's dtype:
+    weight * T(s * rsqrt(mean(s^2) + eps)), T = x.dtype."""
     _check_add(x, residual, weight, eps)
     s = (residual + x).contiguous()
     return _rms(s, weight, eps).contiguous(), s
@@ -206,7 +210,7 @@ def add_rms_norm_cpu(x: Tensor, residual: Tensor, weight: Tensor, eps: float) ->
 
 def _add_rms_norm_fake(x, residual, weight, eps):
     _check_add(x, residual, weight, eps)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(residual, memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------- ferrum::qk_norm_rope_cache
@@ -304,6 +308,8 @@ def _moe_gate_route_fake(x, router_weight, top_k, normalize):
 #
 # One launch per call, no reads of device memory. Vector (4-wide) loads need H % 4 == 0 and
 # 4-element-aligned buffers; otherwise the scalar variant of the same kernel runs.
+# `<op>_mps` validates, then calls `launch_<op>`: callers that validated once (a module at build)
+# may call the launch functions directly (only allocation and the launch remain per call).
 
 
 def _width(units: int) -> int:
@@ -319,7 +325,13 @@ def _vec(H: int, *tensors: Tensor) -> int:
 
 
 def rms_norm_mps(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    H = _check_norm(x, weight, eps)
+    _check_norm(x, weight, eps)
+    return launch_rms_norm(x, weight, eps)
+
+
+def launch_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """rms_norm_mps without its argument checks."""
+    H = x.shape[-1]
     x, weight = x.contiguous(), weight.contiguous()
     y = torch.empty_like(x)
     rows = x.numel() // H if H else 0
@@ -332,14 +344,20 @@ def rms_norm_mps(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def add_rms_norm_mps(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    H = _check_add(x, residual, weight, eps)
+    _check_add(x, residual, weight, eps)
+    return launch_add_rms_norm(x, residual, weight, eps)
+
+
+def launch_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """add_rms_norm_mps without its argument checks."""
+    H = x.shape[-1]
     x, residual, weight = x.contiguous(), residual.contiguous(), weight.contiguous()
-    y, s = torch.empty_like(x), torch.empty_like(x)
+    y, s = torch.empty_like(x), torch.empty_like(residual)
     rows = x.numel() // H if H else 0
     if rows:
         V = _vec(H, x, residual, weight)
         nt = _width(H // V)
-        k = shaders.kernel("norm.metal", f"add_rms_norm_{_DT[x.dtype]}_v{V}")
+        k = shaders.kernel("norm.metal", f"add_rms_norm_{_DT[x.dtype]}_{_DT[residual.dtype]}_v{V}")
         k(x, residual, weight, y, s, H, float(eps), threads=[nt, rows], group_size=[nt, 1])
     return y, s
 
@@ -349,9 +367,20 @@ def qk_norm_rope_cache_mps(
     inv_freq: Tensor, position_ids: Tensor, interleaved: bool, k_cache: Tensor, v_cache: Tensor,
     cache_position: Tensor,
 ) -> Tensor:
-    B, T, Hq, Hkv, D, S = _check_qk(
-        q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids, k_cache, v_cache, cache_position
+    _check_qk(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids, k_cache, v_cache, cache_position)
+    return launch_qk_norm_rope_cache(
+        q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids, interleaved, k_cache, v_cache, cache_position
     )
+
+
+def launch_qk_norm_rope_cache(
+    q: Tensor, k: Tensor, v: Tensor, q_norm_weight: Tensor | None, k_norm_weight: Tensor | None, eps: float,
+    inv_freq: Tensor, position_ids: Tensor, interleaved: bool, k_cache: Tensor, v_cache: Tensor,
+    cache_position: Tensor,
+) -> Tensor:
+    """qk_norm_rope_cache_mps without its argument checks."""
+    B, T, Hq, D = q.shape
+    Hkv, S = k.shape[2], k_cache.shape[2]
     q_out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     if B * T == 0:
         return q_out
@@ -372,9 +401,15 @@ def qk_norm_rope_cache_mps(
 
 
 def moe_gate_route_mps(x: Tensor, router_weight: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
-    T, H, E = _check_gate_route(x, router_weight, top_k)
+    _, _, E = _check_gate_route(x, router_weight, top_k)
     if E > _ROUTE_MAX_EXPERTS:
         raise ValueError(f"the Metal routing kernel handles up to {_ROUTE_MAX_EXPERTS} experts, got {E}")
+    return launch_moe_gate_route(x, router_weight, top_k, normalize)
+
+
+def launch_moe_gate_route(x: Tensor, router_weight: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    """moe_gate_route_mps without its argument checks."""
+    (T, H), E = x.shape, router_weight.shape[0]
     weights = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=x.device)
     if T:
