@@ -392,6 +392,7 @@ def decode_step_bandwidth(env: Env, out, peak: float | None) -> None:
     cfg = S.qwen3_30b_a3b_config(num_hidden_layers=1, full_vocab=False)
     # Written once under ~/.cache/ferrum_mps/synthetic; rows and experts repeat (same sizes and compute).
     path = S.synthetic_gguf(cfg, unique_rows=64, unique_experts=2).path
+    print(f"decode step model: {path} ({path.stat().st_size / 2**20:.0f} MiB, written once)", file=out, flush=True)
     model = load_model(path, device=env.device, progress=False)
     tensors = read_gguf(path).tensors
     k, e = cfg.num_experts_per_tok, cfg.num_experts

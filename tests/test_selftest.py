@@ -62,3 +62,12 @@ def test_a_check_that_raises_is_a_failure():
                                          (None, None)])
 def test_peak_bandwidth_by_chip_name(brand, peak):
     assert selftest.peak_bandwidth(brand) == peak
+
+
+def test_every_op_with_an_mps_kernel_has_a_check():
+    """A new ferrum op registered for MPS must get its row in selftest.CHECKS (one line via op_check)."""
+    import torch
+
+    mps_ops = {n.removeprefix("ferrum::") for n in torch._C._dispatch_get_registrations_for_dispatch_key("MPS") if n.startswith("ferrum::")}
+    checked = {c.name.split()[0] for c in selftest.CHECKS}
+    assert mps_ops and mps_ops <= checked, sorted(mps_ops - checked)
