@@ -11,6 +11,12 @@ float16's largest finite value, 65504.
     python benchmarks/bench_numerics.py --models gemma --tokens 512 --chunk 64
     python benchmarks/bench_numerics.py --gguf FILE.gguf        # any GGUF (random token ids)
 
+Measured (this machine, 320 tokens of README.md through Gemma-3-270M Q4_K_M, chunks of 64):
+  float32's residual stream peaks at 1.04e5 (layer 14) and passes 65504 from layer 7, from the BOS
+  position on: float16 turns inf there, 0% top-1 agreement. bfloat16: finite, 98.1% top-1, mean KL
+  1.1e-3. float16 with a float32 residual stream (--f32-residual): 99.7% top-1, mean KL 5.2e-6.
+  Synthetic Qwen3-MoE (4 layers, random weights, residual <= 7.6): float16 97.8%, bfloat16 95.9%.
+
 The CPU ops compute in float32 inside and round their outputs to the activation dtype, as the Metal
 kernels do, so the drift measured here is the activation-dtype drift a Mac sees (its fast-math and
 attention kernels differ in the last bits only).
