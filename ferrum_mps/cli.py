@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .generation import add_generate_parser
 
     add_generate_parser(sub)
+    from .server import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
