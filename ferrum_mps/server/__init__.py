@@ -11,9 +11,12 @@ other sub-commands work without the `serve` extra installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -89,3 +92,30 @@ def run_serve(args) -> int:
         engine.close()
         sock.close()
     return 0
+
+
+@contextlib.contextmanager
+def serving(server, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0):
+    """Run `server` (an api.Server) under uvicorn in a background thread; yields its base URL (…/v1).
+
+    For tests and benchmarks: in-process, on a free loopback port by default. Stops uvicorn on exit
+    (the Engine stays the caller's to close).
+    """
+    import uvicorn
+
+    sock = _bind(host, port)
+    uv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="ferrum-serve-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not uv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the HTTP server did not start")
+        time.sleep(0.02)
+    try:
+        h, p = sock.getsockname()[:2]
+        yield f"http://{h}:{p}/v1"
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+        sock.close()

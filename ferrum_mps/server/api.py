@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .engine import Delta, Done, Engine, Failed, Job, Sampling
@@ -320,11 +320,14 @@ class _Reply:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
             job.cancel()
+            events.put_nowait(None)  # wake the loop below: nobody is left to answer
 
         watcher = asyncio.ensure_future(watch())
         try:
             while True:
                 event = await events.get()
+                if event is None:
+                    return Response(status_code=499)  # nginx's "client closed request"; never reaches anyone
                 if isinstance(event, Done):
                     obj = "chat.completion" if self.kind == "chat" else "text_completion"
                     return JSONResponse(self._envelope(obj, [self._choice(event.text, event.finish_reason, False)],
