@@ -247,6 +247,17 @@ def test_bad_requests_get_openai_errors_and_the_server_lives_on(server, ref):
     assert (h["queued"], h["active"], h["failed"]) == (0, 0, 0)
 
 
+def test_a_huge_body_is_refused_before_it_is_read(server):
+    u = urllib.parse.urlsplit(server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Length", str(10**12))
+    conn.endheaders()  # and no body: the answer must not wait for a terabyte
+    r = conn.getresponse()
+    assert r.status == 413 and "larger than" in json.loads(r.read())["error"]["message"]
+    conn.close()
+
+
 def test_the_openai_client_sees_the_errors(server):
     with pytest.raises(openai.NotFoundError, match="does not exist") as e:
         server.client.completions.create(model="nope", prompt="hi", max_tokens=2)
@@ -335,6 +346,20 @@ def test_incremental_text_releases_only_settled_text(ref):
         if stopped:
             break
     assert stopped and out == inc.text == text[: text.find("\u65e5")]
+
+
+def test_cli_serve_errors_are_clear(tmp_path, capsys):
+    from ferrum_mps.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "none.gguf"), "--port", "0"]) == 1
+    assert "no GGUF file" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        gguf = tmp_path / "x.gguf"
+        gguf.write_bytes(b"GGUF")  # never read: the taken port fails first
+        assert main(["serve", "--model", str(gguf), "--port", str(taken.getsockname()[1])]) == 1
+    assert "in use" in capsys.readouterr().err
 
 
 def test_cli_serve_with_api_key(gguf_path, ref):

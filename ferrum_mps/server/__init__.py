@@ -74,22 +74,26 @@ def run_serve(args) -> int:
     else:
         path = Path(args.model)
     device = resolve_device(args.device)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
     sock = _bind(args.host, args.port)  # before the long load: a taken port fails at once
-    tokenizer = load_tokenizer(path)
-    model = load_model(path, device=device, progress=False)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch)
-    server = Server(engine, model_id=Path(path).stem, api_key=args.api_key)
-    if args.host not in LOOPBACK and args.api_key is None:
-        log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", args.host)
-    host, port = sock.getsockname()[:2]
-    print(f"ferrum-mps serve: {server.model_id} on http://{host}:{port}/v1 ({device}, context {engine.context}, "
-          f"max batch {engine.max_batch})", file=sys.stderr, flush=True)
-    config = uvicorn.Config(server.app, log_level="info" if args.verbose else "warning", lifespan="off",
-                            timeout_graceful_shutdown=5)
+    engine = None
     try:
+        tokenizer = load_tokenizer(path)
+        model = load_model(path, device=device, progress=False)
+        engine = Engine(model, tokenizer, max_batch=args.max_batch)
+        server = Server(engine, model_id=Path(path).stem, api_key=args.api_key)
+        if args.host not in LOOPBACK and args.api_key is None:
+            log.warning("serving on %s without --api-key: anyone who can reach it can use the model", args.host)
+        host, port = sock.getsockname()[:2]
+        print(f"ferrum-mps serve: {server.model_id} on http://{host}:{port}/v1 ({device}, context {engine.context}, "
+              f"max batch {engine.max_batch})", file=sys.stderr, flush=True)
+        config = uvicorn.Config(server.app, log_level="info" if args.verbose else "warning", lifespan="off",
+                                timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
         sock.close()
     return 0
 

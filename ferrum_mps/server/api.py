@@ -28,6 +28,10 @@ from .engine import Delta, Done, Engine, Failed, Job, Sampling
 log = logging.getLogger(__name__)
 
 
+# A chat request near a 128k context is ~1 MB of JSON; 32 MiB leaves room without inviting a memory blow-up.
+MAX_BODY_BYTES = 32 * 2**20
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
@@ -124,6 +128,20 @@ class CompletionRequest(_Common):
     suffix: str | None = None
 
 
+async def _body(request: Request) -> bytes:
+    too_big = APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _parse(model_cls: type[_Strict], raw: bytes):
     try:
         req = model_cls.model_validate_json(raw)
@@ -210,7 +228,7 @@ class Server:
 
     async def chat(self, request: Request):
         self._authorize(request)
-        req = _parse(ChatRequest, await request.body())
+        req = _parse(ChatRequest, await _body(request))
         self._check_model(req.model)
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
@@ -219,7 +237,7 @@ class Server:
 
     async def completions(self, request: Request):
         self._authorize(request)
-        req = _parse(CompletionRequest, await request.body())
+        req = _parse(CompletionRequest, await _body(request))
         self._check_model(req.model)
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
