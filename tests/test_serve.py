@@ -258,6 +258,16 @@ def test_a_huge_body_is_refused_before_it_is_read(server):
     conn.close()
 
 
+def test_a_stopped_model_worker_shows_in_health_and_answers(server):
+    engine = Engine(server.engine.model, server.engine.tokenizer)
+    engine.close()
+    with serving(Server(engine, model_id=MODEL_ID)) as url:
+        status, body = _raw(url, "GET", "/health")
+        assert status == 503 and body["status"] == "model worker stopped"
+        status, body = _raw(url, "POST", "/v1/completions", _cmpl(max_tokens=2))
+        assert status == 503 and "shutting down" in body["error"]["message"]
+
+
 def test_the_openai_client_sees_the_errors(server):
     with pytest.raises(openai.NotFoundError, match="does not exist") as e:
         server.client.completions.create(model="nope", prompt="hi", max_tokens=2)
@@ -365,7 +375,8 @@ def test_cli_serve_errors_are_clear(tmp_path, capsys):
 def test_cli_serve_with_api_key(gguf_path, ref):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.Popen([sys.executable, "-m", "ferrum_mps", "serve", "--model", str(gguf_path), "--port", "0",
-                             "--device", "cpu", "--api-key", "sekrit", "--max-batch", "2"],
+                             "--device", "cpu", "--api-key", "sekrit", "--max-batch", "2",
+                             "--default-max-tokens", "5"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
         lines = []
@@ -386,8 +397,9 @@ def test_cli_serve_with_api_key(gguf_path, ref):
         client = openai.OpenAI(base_url=url, api_key="sekrit", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == [gguf_path.stem]
         r = client.chat.completions.create(model=gguf_path.stem, messages=[{"role": "user", "content": "hi there"}],
-                                           max_tokens=5, temperature=0)
+                                           temperature=0)  # no max_tokens: --default-max-tokens 5
         assert r.choices[0].message.content == ref.greedy("hi there", 5, chat=True).text
+        assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (5, "length")
     finally:
         proc.terminate()
         proc.wait(30)  # uvicorn shuts down, then re-raises SIGTERM: the exit status says -15

@@ -34,6 +34,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: none)")
     p.add_argument("--device", default=None, help="mps or cpu (default: mps when available)")
+    p.add_argument("--default-max-tokens", type=int, default=4096,
+                   help="max_tokens of requests that give none (default 4096, at most what the context leaves)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="most requests decoded together in one batch (default 8; 1 = one at a time)")
     p.set_defaults(func=run_serve)
@@ -55,6 +57,8 @@ def run_serve(args) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.default_max_tokens < 1:
+        raise ValueError(f"--default-max-tokens must be >= 1, got {args.default_max_tokens}")
     try:
         import uvicorn
 
@@ -82,7 +86,8 @@ def run_serve(args) -> int:
         tokenizer = load_tokenizer(path)
         model = load_model(path, device=device, progress=False)
         engine = Engine(model, tokenizer, max_batch=args.max_batch)
-        server = Server(engine, model_id=Path(path).stem, api_key=args.api_key)
+        server = Server(engine, model_id=Path(path).stem, api_key=args.api_key,
+                        default_max_tokens=args.default_max_tokens)
         if args.host not in LOOPBACK and args.api_key is None:
             log.warning("serving on %s without --api-key: anyone who can reach it can use the model", args.host)
         host, port = sock.getsockname()[:2]

@@ -166,8 +166,14 @@ def _parse(model_cls: type[_Strict], raw: bytes):
 class Server:
     """The Starlette app around one Engine; `model_id` is the name /v1/models lists and requests must use."""
 
-    def __init__(self, engine: Engine, model_id: str, api_key: str | None = None):
+    def __init__(self, engine: Engine, model_id: str, api_key: str | None = None, default_max_tokens: int = 4096):
+        if default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {default_max_tokens}")
         self.engine, self.model_id, self.api_key = engine, model_id, api_key
+        # Without max_tokens a request may run to the end of the context; generate() preallocates its
+        # static K/V cache for prompt + max_tokens (~100 KB per token for Qwen3-30B-A3B: 40k tokens = 4 GB
+        # per row), so an unbounded default would make every bare request that expensive.
+        self.default_max_tokens = default_max_tokens
         self.tokenizer = engine.tokenizer
         self.created = int(time.time())
         routes = [
@@ -204,8 +210,11 @@ class Server:
     # ---- small endpoints
 
     async def health(self, request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": self.model_id, "context": self.engine.context,
-                             "max_batch": self.engine.max_batch, **self.engine.load()})
+        alive = self.engine.alive
+        return JSONResponse({"status": "ok" if alive else "model worker stopped", "model": self.model_id,
+                             "context": self.engine.context, "max_batch": self.engine.max_batch,
+                             "default_max_tokens": self.default_max_tokens, **self.engine.load()},
+                            status_code=200 if alive else 503)
 
     def _model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "ferrum-mps"}
@@ -274,7 +283,7 @@ class Server:
                            param="messages" if isinstance(req, ChatRequest) else "prompt",
                            code="context_length_exceeded")
         if max_tokens is None:
-            max_tokens = context - n_prompt
+            max_tokens = min(context - n_prompt, self.default_max_tokens)
         elif n_prompt + max_tokens > context:
             raise APIError(400, f"the prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds this model's "
                                 f"context of {context} tokens", param="max_tokens", code="context_length_exceeded")

@@ -36,9 +36,9 @@ class Sampling:
 
         A seeded request runs alone so that its random stream does not depend on who shares its batch.
         """
-        if self.seed is not None:
-            return None
-        return ("greedy",) if self.temperature == 0 else ("sample", self.temperature, self.top_p)
+        if self.temperature == 0:
+            return ("greedy",)  # a seed changes nothing here
+        return None if self.seed is not None else ("sample", self.temperature, self.top_p)
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,10 @@ class Engine:
             self._pending.append(job)
             self._cv.notify()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def load(self) -> dict:
         with self._cv:
             return {"queued": len(self._pending), "active": len(self._running), **self.stats}
@@ -277,7 +281,7 @@ class Engine:
             sampling = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
         else:
             sampling = dict(do_sample=False)
-        if s.seed is not None:  # seeded requests run alone (batch_key None), so this stream is theirs
+        if s.seed is not None and s.temperature > 0:  # seeded sampling runs alone (batch_key None), so this stream is theirs
             torch.manual_seed(s.seed)
         device = self.model.device
         with torch.inference_mode():
