@@ -63,7 +63,8 @@ class Message(_Strict):
     def as_template_input(self) -> dict:
         content = self.content if isinstance(self.content, str) or self.content is None else \
             "".join(p.text for p in self.content)
-        return {"role": self.role, "content": content or ""}
+        # "developer" is OpenAI's newer name for "system"; chat templates know only the older one.
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
 
 
 class StreamOptions(_Strict):
@@ -72,7 +73,8 @@ class StreamOptions(_Strict):
 
 # Accepted at their neutral value only (clients send them by default); anything else is refused by name.
 _NEUTRAL = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": (None, False),
-            "top_logprobs": None, "best_of": 1, "echo": False, "suffix": None, "tools": None, "tool_choice": None,
+            "top_logprobs": None, "best_of": 1, "echo": False, "suffix": None, "tools": None,
+            "tool_choice": (None, "none", "auto"),
             "response_format": (None, {"type": "text"})}
 
 
