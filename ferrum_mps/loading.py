@@ -81,6 +81,7 @@ def load_model(path, device=None, dtype=None, progress: bool = True, mmap: bool 
     On MPS the weights are copied to the device either way.
     """
     from ferrum_mps.gguf_file import read_gguf
+    from ferrum_mps.gguf_hparams import check_model_metadata
     from ferrum_mps.models import model_class
     from ferrum_mps.models.base import check_tensors
 
@@ -95,6 +96,7 @@ def load_model(path, device=None, dtype=None, progress: bool = True, mmap: bool 
     t0 = time.perf_counter()
     f = read_gguf(path, mmap=mmap)
     cls = model_class(f.architecture)
+    check_model_metadata(f.metadata, f.architecture, f.tensors, str(path))
     config = cls.config_from_gguf(f.metadata, f.tensors)
     check_tensors(config, f.tensors, source=str(path))
     if device.type == "mps":

@@ -133,6 +133,74 @@ def test_truncated_file_never_reaches_transformers(qwen, tmp_path):
             load_tokenizer(bad, cache=False)
 
 
+# ------------------------------------------------------------------ the model's hyper-parameters
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"llama.attention.head_count": 0}, "llama.attention.head_count = 0 must be >= 1"),
+        ({"llama.attention.head_count_kv": 0}, "llama.attention.head_count_kv = 0 must be >= 1"),
+        ({"llama.attention.head_count_kv": 3}, "not a multiple of llama.attention.head_count_kv 3"),
+        ({"llama.block_count": 0}, "llama.block_count = 0 must be >= 1"),
+        ({"llama.block_count": 1}, "block_count = 1 but the file has tensors for blocks 0-1"),
+        ({"llama.block_count": 3}, "no tensors for block(s) 2"),
+        ({"llama.block_count": 10**6}, "block_count = 1000000 but the file holds only"),
+        ({"llama.block_count": 2**31}, "block_count = 2147483648"),
+        ({"llama.block_count": (2.0, VT.FLOAT32)}, "llama.block_count must be an integer, got float 2.0"),
+        ({"llama.embedding_length": ("256", VT.STRING)}, "llama.embedding_length must be an integer, got str '256'"),
+        ({"llama.attention.head_count": (True, VT.BOOL)}, "llama.attention.head_count must be an integer, got bool"),
+        ({"llama.feed_forward_length": ([512, 512], VT.ARRAY)}, "llama.feed_forward_length is a per-layer array"),
+        ({"llama.context_length": 0}, "llama.context_length = 0 must be >= 1"),
+        ({"llama.rope.freq_base": math.nan}, "llama.rope.freq_base = nan"),
+        ({"llama.rope.freq_base": 0.0}, "llama.rope.freq_base = 0.0"),
+        ({"llama.rope.freq_base": -10000.0}, "llama.rope.freq_base = -10000.0"),
+        ({"llama.rope.freq_base": ("big", VT.STRING)}, "llama.rope.freq_base must be a number"),
+        ({"llama.rope.scaling.type": ("linear", VT.STRING), "llama.rope.scaling.factor": (math.inf, VT.FLOAT32)},
+         "llama.rope.scaling.factor = inf"),
+        ({"llama.rope.scaling.type": ("linear", VT.STRING), "llama.rope.scaling.factor": (-2.0, VT.FLOAT32)},
+         "llama.rope.scaling.factor = -2.0"),
+        ({"llama.attention.layer_norm_rms_epsilon": math.nan}, "layer_norm_rms_epsilon = nan"),
+        ({"llama.attention.layer_norm_rms_epsilon": 0.0}, "layer_norm_rms_epsilon = 0.0"),
+        ({"llama.attention.layer_norm_rms_epsilon": -0.5}, "layer_norm_rms_epsilon = -0.5"),
+        ({"tokenizer.ggml.bos_token_id": (-1, VT.INT32)}, "tokenizer.ggml.bos_token_id = -1 is not a token id"),
+        ({"tokenizer.ggml.eos_token_id": 1027}, "tokenizer.ggml.eos_token_id = 1027 is not a token id of this model (0 to 1026)"),
+        ({"tokenizer.ggml.tokens": ([f"t{i}" for i in range(1100)], VT.ARRAY)}, "1100 tokens but token_embd.weight only 1027"),
+    ],
+)
+def test_bad_model_metadata(llama, tmp_path, changes, needle):
+    bad = rewrite(llama, tmp_path / "bad.gguf", changes)
+    with pytest.raises(GGUFError) as e:
+        load_model(bad, device="cpu", progress=False)
+    assert str(bad) in str(e.value) and needle in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"qwen3moe.expert_used_count": 0}, "expert_used_count = 0 must be between 1 and"),
+        ({"qwen3moe.expert_used_count": 9}, "expert_used_count = 9 must be between 1 and qwen3moe.expert_count = 8"),
+        ({"qwen3moe.expert_feed_forward_length": (256.0, VT.FLOAT32)}, "expert_feed_forward_length must be an integer"),
+    ],
+)
+def test_bad_moe_metadata(qwen, tmp_path, changes, needle):
+    bad = rewrite(qwen, tmp_path / "bad.gguf", changes)
+    with pytest.raises(GGUFError, match="bad.gguf") as e:
+        load_model(bad, device="cpu", progress=False)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_rewritten_file_loads(llama, tmp_path):
+    """The rewrite helper itself changes nothing unasked: the copy loads and matches the original."""
+    import torch
+
+    copy = rewrite(llama, tmp_path / "same.gguf")
+    ids = torch.tensor([[1, 2, 3]])
+    a = load_model(llama, device="cpu", progress=False)(ids).logits
+    b = load_model(copy, device="cpu", progress=False, mmap=False)(ids).logits
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
 # ------------------------------------------------------------------ the CLI
 
 
@@ -140,20 +208,45 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "ferrum_mps", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_cli_one_line_exit_1(qwen, tmp_path):
-    cases = [
-        rewrite(qwen, tmp_path / "bos.gguf", {"tokenizer.ggml.bos_token_id": (-1, VT.INT32)}),
-        rewrite(qwen, tmp_path / "tmpl.gguf", {"tokenizer.chat_template": "{% if %}\n{% endif"}),
-    ]
+def _one_line(stderr, path):
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in stderr, stderr[-2000:]
+
+
+def generate_args(path):
+    return ["generate", "--model", str(path), "--prompt", "hi", "--max-new-tokens", "1", "--device", "cpu"]
+
+
+def test_cli_one_line_exit_1_subprocess(qwen, llama, tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(qwen.read_bytes()[:5000])
-    cases.append(cut)
-    for path in cases:
-        for cmd in (["generate", "--model", str(path), "--prompt", "hi", "--max-new-tokens", "1", "--device", "cpu"],
-                    ["info", str(path)]):
-            if cmd[0] == "info" and path != cut:
-                continue  # info reads the metadata only: these files are structurally fine
-            r = run_cli(*cmd)
-            assert r.returncode == 1, (cmd, r.returncode, r.stderr[-2000:])
-            lines = r.stderr.strip().splitlines()
-            assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for args, path in [
+        (generate_args, rewrite(qwen, tmp_path / "bos.gguf", {"tokenizer.ggml.bos_token_id": (-1, VT.INT32)})),
+        (generate_args, rewrite(llama, tmp_path / "heads.gguf", {"llama.attention.head_count": 0})),
+        (lambda p: ["info", str(p)], cut),
+    ]:
+        r = run_cli(*args(path))
+        assert r.returncode == 1, (path, r.returncode, r.stderr[-2000:])
+        _one_line(r.stderr, path)
+
+
+def test_cli_main_one_line_exit_1(qwen, llama, tmp_path, capsys):
+    from ferrum_mps.cli import main
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(qwen.read_bytes()[:-100])
+    nested = tmp_path / "nested.gguf"
+    w = gguf.GGUFWriter(str(nested), "llama")
+    w.add_key_value("x.nested", [[1], [2, 3]], VT.ARRAY)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.close()
+    cases = [
+        (generate_args, rewrite(qwen, tmp_path / "tmpl.gguf", {"tokenizer.chat_template": "{% if %}\n{% endif"})),
+        (generate_args, rewrite(llama, tmp_path / "rope.gguf", {"llama.rope.freq_base": math.nan})),
+        (generate_args, rewrite(llama, tmp_path / "blocks.gguf", {"llama.block_count": 2**31})),
+        (generate_args, cut),
+        (lambda p: ["info", str(p)], nested),
+    ]
+    for args, path in cases:
+        capsys.readouterr()
+        assert main(args(path)) == 1
+        _one_line(capsys.readouterr().err, path)
