@@ -80,7 +80,7 @@ def load_model(path, device=None, dtype=None, progress: bool = True, mmap: bool 
     safe). mmap=False copies the weights into private memory (the file's size in RAM) instead.
     On MPS the weights are copied to the device either way.
     """
-    from ferrum_mps.gguf_file import read_gguf
+    from ferrum_mps.gguf_file import GGUFError, read_gguf
     from ferrum_mps.gguf_hparams import check_model_metadata
     from ferrum_mps.models import model_class
     from ferrum_mps.models.base import check_tensors
@@ -95,10 +95,15 @@ def load_model(path, device=None, dtype=None, progress: bool = True, mmap: bool 
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     t0 = time.perf_counter()
     f = read_gguf(path, mmap=mmap)
-    cls = model_class(f.architecture)
-    check_model_metadata(f.metadata, f.architecture, f.tensors, str(path))
-    config = cls.config_from_gguf(f.metadata, f.tensors)
-    check_tensors(config, f.tensors, source=str(path))
+    try:
+        cls = model_class(f.architecture)
+        check_model_metadata(f.metadata, f.architecture, f.tensors, str(path))
+        config = cls.config_from_gguf(f.metadata, f.tensors)
+        check_tensors(config, f.tensors, source=str(path))
+    except GGUFError:
+        raise
+    except ValueError as e:  # the config code's own checks: name the file once
+        raise GGUFError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from e
     if device.type == "mps":
         torch.mps.synchronize()
     tensors = {
