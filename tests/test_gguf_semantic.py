@@ -250,3 +250,32 @@ def test_cli_main_one_line_exit_1(qwen, llama, tmp_path, capsys):
         capsys.readouterr()
         assert main(args(path)) == 1
         _one_line(capsys.readouterr().err, path)
+
+
+def test_metadata_byte_flips_give_gguf_error_or_a_working_model(llama, tmp_path):
+    """Random bytes in the metadata values: load_model and load_tokenizer raise GGUFError or work (finite logits)."""
+    import torch
+
+    data = llama.read_bytes()
+    r = gguf.GGUFReader(str(llama))
+    spans = [  # the value bytes of each key (after key length, key, value type)
+        (f.offset + sum(int(p.nbytes) for p in f.parts[:3]), f.offset + sum(int(p.nbytes) for p in f.parts))
+        for name, f in r.fields.items() if not name.startswith("GGUF.")
+    ]
+    rng = np.random.default_rng(0)
+    bad, outcomes = tmp_path / "flip.gguf", {"error": 0, "ok": 0}
+    for _ in range(16):  # ~0.5 s each; the 350-round version of this found no other exception type
+        b = bytearray(data)
+        start, end = spans[rng.integers(len(spans))]
+        for at in rng.integers(start, end, size=2):
+            b[at] = int(rng.integers(0, 256))
+        bad.write_bytes(bytes(b))
+        try:
+            logits = load_model(bad, device="cpu", progress=False, mmap=False)(torch.tensor([[1, 2, 3]])).logits
+            load_tokenizer(bad, cache=False)("hello world")
+            assert torch.isfinite(logits).all()
+            outcomes["ok"] += 1
+        except GGUFError as e:
+            assert str(bad) in str(e)
+            outcomes["error"] += 1
+    assert outcomes["error"] >= 4, outcomes
