@@ -17,6 +17,10 @@ from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+# transformers 5.24 renamed the cache: generate() passes `cache=` and reads `output.cache`, and
+# `past_key_values` is a deprecated alias. Older versions pass and read `past_key_values`.
+OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class GGUFConfig(PreTrainedConfig):
     """Hyper-parameters read from GGUF metadata (field names follow transformers where they exist).
@@ -236,17 +240,18 @@ class StaticCache(nn.Module):
             raise ValueError(f"static cache length {max_len} outside 1..{config.max_position_embeddings} (the context length)")
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.max_len = max_len
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        for i, (k, v) in enumerate(zip(self.k, self.v)):
-            self.register_buffer(f"k{i}", k, persistent=False)
-            self.register_buffer(f"v{i}", v, persistent=False)
+        # Only the registered buffers hold the tensors: `.to()` replaces buffers, so a second list
+        # of the same tensors would go stale and update() would write into the old ones.
+        for i in range(config.num_hidden_layers):
+            self.register_buffer(f"k{i}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, k, v, idx, cache_kwargs):
         pos = cache_kwargs["cache_position"]
-        self.k[idx].index_copy_(2, pos, k)
-        self.v[idx].index_copy_(2, pos, v)
-        return self.k[idx], self.v[idx]
+        kc, vc = self._buffers[f"k{idx}"], self._buffers[f"v{idx}"]
+        kc.index_copy_(2, pos, k)
+        vc.index_copy_(2, pos, v)
+        return kc, vc
 
 
 # ---------------------------------------------------------------- the model
@@ -327,9 +332,13 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache=None,
         logits_to_keep=0,
         cache_position=None,
+        cache=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         c = self.config
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the cache once, as `cache` or `past_key_values` (the same object under both names is fine)")
+        cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -339,7 +348,6 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
             h = h * torch.tensor(c.embed_scale, dtype=h.dtype)
         B, T = h.shape[:2]
         use_cache = c.use_cache if use_cache is None else use_cache
-        cache = past_key_values
         if isinstance(cache, StaticCache):
             if cache_position is None:
                 raise ValueError("a StaticCache needs cache_position (the cache slots of the new tokens)")
@@ -379,7 +387,7 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             h = h[:, logits_to_keep]
         logits = self.lm_head(h)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=cache if use_cache else None)
+        return CausalLMOutputWithPast(logits=logits, **{OUTPUT_CACHE_FIELD: cache if use_cache else None})
 
     def static_cache(self, batch_size: int, max_len: int) -> StaticCache:
         return StaticCache(self.config, batch_size, max_len, self.norm.weight.device, self.norm.weight.dtype)

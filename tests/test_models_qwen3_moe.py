@@ -76,6 +76,34 @@ def test_logits_to_keep_and_incremental_cache(model):
     torch.testing.assert_close(step, full[:, 6:], atol=1e-4, rtol=0)
 
 
+def test_cache_is_accepted_under_both_names_and_returned_under_the_installed_one(model):
+    # transformers >= 5.24's generate() passes `cache=` and reads `output.cache`; older ones use
+    # `past_key_values`. A cache received under either name must be used (else every step after
+    # the first runs without its history) and handed back where generate() looks for it.
+    ids = prompt(9, 3)
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :6], use_cache=True)
+        kv = out.get("cache", None) if "cache" in type(out).__dataclass_fields__ else out.get("past_key_values", None)
+        assert kv is not None and kv.get_seq_length() == 6
+        step = model(ids[:, 6:7], cache=kv, use_cache=True)
+        torch.testing.assert_close(step.logits, full[:, 6:7], atol=1e-4, rtol=0)
+        step = model(ids[:, 7:], past_key_values=kv, use_cache=True).logits
+        torch.testing.assert_close(step, full[:, 7:], atol=1e-4, rtol=0)
+        with pytest.raises(ValueError, match="cache once"):
+            model(ids[:, :1], cache=kv, past_key_values=model.static_cache(1, 8))
+
+
+def test_static_cache_follows_to_dtype(model):
+    # The cache's tensors live in registered buffers only: after .to() update() must write into the new ones.
+    ids = prompt(3, 2)
+    with torch.no_grad():
+        want = model.decode_step(ids, model.static_cache(1, 8), torch.arange(3))
+        moved = model.static_cache(1, 8).to(torch.float64).to(torch.float32)
+        torch.testing.assert_close(model.decode_step(ids, moved, torch.arange(3)), want, atol=1e-5, rtol=0)
+        assert moved.k0[:, :, :3].abs().sum() > 0 and moved.k0[:, :, 3:].abs().sum() == 0
+
+
 def test_greedy_generate_matches_transformers(model, ref):
     ids = prompt(7, 1)
     ours = model.generate(ids, **GREEDY)
