@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_info(sub)
-    from .generation import add_generate_parser
+    from .cli_generate import add_generate_parser
 
     add_generate_parser(sub)
     return parser

@@ -83,7 +83,7 @@ def load_model(path, device=None, dtype=None, progress: bool = True, mmap: bool 
     from ferrum_mps.gguf_file import GGUFError, read_gguf
     from ferrum_mps.gguf_hparams import check_model_metadata
     from ferrum_mps.models import model_class
-    from ferrum_mps.models.base import check_tensors
+    from ferrum_mps.models.tensors import check_tensors
 
     path = Path(path)
     if not path.is_file():
