@@ -81,7 +81,6 @@ def load_model(path, device=None, dtype=None, progress: bool = True, mmap: bool 
     On MPS the weights are copied to the device either way.
     """
     from ferrum_mps.gguf_file import GGUFError, read_gguf
-    from ferrum_mps.gguf_hparams import check_model_metadata
     from ferrum_mps.models import model_class
     from ferrum_mps.models.tensors import check_tensors
 
@@ -97,12 +96,11 @@ def load_model(path, device=None, dtype=None, progress: bool = True, mmap: bool 
     f = read_gguf(path, mmap=mmap)
     try:
         cls = model_class(f.architecture)
-        check_model_metadata(f.metadata, f.architecture, f.tensors, str(path))
         config = cls.config_from_gguf(f.metadata, f.tensors)
         check_tensors(config, f.tensors, source=str(path))
     except GGUFError:
         raise
-    except ValueError as e:  # the config code's own checks: name the file once
+    except ValueError as e:  # the config code's checks (models/config.py): name the file once
         raise GGUFError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from e
     if device.type == "mps":
         torch.mps.synchronize()

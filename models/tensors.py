@@ -6,6 +6,7 @@ a block's modules receive `{role: QTensor}` built from `layer_tensors`.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -43,6 +44,14 @@ LAYER_NAMES = {
 
 def layer_name(i: int, role: str) -> str:
     return f"blk.{i}.{LAYER_NAMES[role]}"
+
+
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+
+def block_indices(tensors) -> set[int]:
+    """The block numbers i that some tensor name "blk.{i}.*" carries."""
+    return {int(m.group(1)) for name in tensors if (m := _BLOCK.match(name))}
 
 
 def is_moe_layer(c: GGUFConfig, i: int) -> bool:
