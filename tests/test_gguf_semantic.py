@@ -201,6 +201,31 @@ def test_rewritten_file_loads(llama, tmp_path):
     assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name,value", [("output_norm.weight", math.nan), ("blk.1.ffn_norm.weight", math.inf)])
+def test_non_finite_norm_weights(llama, tmp_path, name, value):
+    bad = tmp_path / "nan.gguf"
+    bad.write_bytes(llama.read_bytes())
+    t = next(t for t in gguf.GGUFReader(str(llama)).tensors if t.name == name)
+    assert t.tensor_type == gguf.GGMLQuantizationType.F32
+    with open(bad, "r+b") as fh:
+        fh.seek(int(t.data_offset) + 4 * 7)
+        fh.write(np.float32(value).tobytes())
+    with pytest.raises(GGUFError, match=f"nan.gguf: tensor {name} holds NaN or inf"):
+        load_model(bad, device="cpu", progress=False)
+
+
+def test_mmap_false_model_survives_the_file_changing(llama, tmp_path):
+    import torch
+
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(llama.read_bytes())
+    model = load_model(copy, device="cpu", progress=False, mmap=False)
+    ids = torch.tensor([[1, 2, 3]])
+    before = model(ids).logits
+    copy.write_bytes(b"")  # truncated in place: with mmap=True the next forward would die of SIGBUS
+    assert torch.equal(model(ids).logits, before)
+
+
 # ------------------------------------------------------------------ the CLI
 
 
