@@ -275,6 +275,12 @@ def test_cli_main_one_line_exit_1(qwen, llama, tmp_path, capsys):
         capsys.readouterr()
         assert main(args(path)) == 1
         _one_line(capsys.readouterr().err, path)
+    # A template that compiles but fails when rendered: the file's code, not ours.
+    failing = rewrite(qwen, tmp_path / "raise.gguf", {"tokenizer.chat_template": "{{ raise_exception('no users here') }}"})
+    capsys.readouterr()
+    assert main([*generate_args(failing), "--chat"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "chat template" in err and "no users here" in err, err
 
 
 def test_metadata_byte_flips_give_gguf_error_or_a_working_model(llama, tmp_path):
