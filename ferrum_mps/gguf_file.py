@@ -297,8 +297,10 @@ def _check_layout(p: _Parser, infos: list[_TensorInfo], data_start: int, alignme
         span = f"tensor {t.name!r} data [{t.offset}, {t.offset + t.nbytes}) (relative to the data section at {data_start})"
         if t.offset % alignment:
             p.fail(f"{span}: offset is not a multiple of the alignment {alignment}")
-        if t.offset + t.nbytes >= 2**63:  # no file is this big: a negative int64 offset, pointing back into the header
+        if t.offset >= 2**63:  # a negative int64: data_start + offset wraps past 2**64, back into the header
             p.fail(f"{span}: offset + size wraps past 2**64 (the offset is negative as int64)")
+        if t.offset + t.nbytes >= 2**63:
+            p.fail(f"{span}: offset + size overflows int64")
         if data_start + t.offset + t.nbytes > size:
             p.fail(f"{span} runs past the end of the file ({size} bytes): truncated or corrupt")
     by_offset = sorted(infos, key=lambda t: (t.offset, t.nbytes))

@@ -165,7 +165,8 @@ def test_dimension_count(valid, n_dims, needle):
 
 @pytest.mark.parametrize(
     "dims,needle",
-    [((2**32, 2**32), "overflows int64"), ((32, 2**63), "negative"), ((32, 0), "size 0"), ((2**62, 4), "overflows")],
+    [((2**32, 2**32), "overflows int64"), ((32, 2**63), "negative"), ((32, 0), "size 0"), ((2**62, 4), "overflows"),
+     ((32, 2**57), "offset + size overflows int64")],  # 2**62 elements fit int64, their 2**64 bytes do not
 )
 def test_bad_dimensions(valid, dims, needle):
     valid.patch(valid.tensor_part("tb", 3), b"".join(_u64(d) for d in dims))
