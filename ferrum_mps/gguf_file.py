@@ -416,7 +416,10 @@ def _load_bytes(path: Path, mmap: bool):
         # Copy-on-write: torch needs writable arrays, and a stray in-place op must not crash on a read-only page.
         arr = np.memmap(path, mode="c").view(np.ndarray)  # slicing np.memmap itself costs microseconds per slice
         return arr, torch.from_numpy(arr)
-    data = torch.empty(size, dtype=torch.uint8)
+    try:
+        data = torch.empty(size, dtype=torch.uint8)
+    except RuntimeError as e:  # torch reports a failed allocation as RuntimeError
+        raise MemoryError(f"{path}: cannot allocate {size} bytes for a private copy (mmap=False): {e}") from e
     arr = data.numpy()
     with open(path, "rb") as fh:
         got = fh.readinto(memoryview(arr))
