@@ -1,10 +1,10 @@
 """GGUF files as raw uint8 torch tensors.
 
 `read_gguf(path)` maps the file once (or, with mmap=False, reads it into private memory) and
-parses it with a bounds-checked reader of its own; every `QTensor.raw` is a zero-copy view of
-those bytes (the views keep them alive). Nothing is dequantized on load. A malformed file raises
-GGUFError naming the file and the problem: everything llama.cpp's gguf reader (ggml/src/gguf.cpp)
-refuses, plus bool bytes other than 0/1, empty or >63-byte tensor names, zero-sized dimensions,
+parses it with gguf-py's GGUFReader, whose hooks are bounded by the file size here (see _Reader);
+every `QTensor.raw` is a zero-copy view of those bytes (the views keep them alive). Nothing is
+dequantized on load. A malformed file raises GGUFError naming the file and the problem: everything
+llama.cpp's gguf reader (ggml/src/gguf.cpp) refuses, plus bool bytes other than 0/1, empty or >63-byte tensor names, zero-sized dimensions,
 overlapping tensor data and bytes after the last tensor.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGUFValueType, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGMLQuantizationType
+from gguf.gguf_reader import ReaderField
 
 from .quants import dequantize_raw
 
@@ -128,30 +128,27 @@ class GGUFFile:
 
 # ---------------------------------------------------------------- the parser
 #
-# Our own bounds-checked reader, not gguf-py's GGUFReader: that one builds several numpy views
-# per metadata value (400k keys in a 10 MB file took 47 s and 1.5 GB; 1M empty nested arrays
-# 102 s and 2.4 GB), recurses into nested arrays (RecursionError at depth 500) and checks no
-# tensor layout. Every count read from the file is checked against the bytes left before any
-# work or allocation happens, so parsing cost and memory stay proportional to the file size:
-# metadata values become Python objects of at most ~8 bytes per file byte (a list of float32
-# scores: 8 bytes of pointer + a shared or 24-byte float per 4 bytes read).
+# gguf-py's GGUFReader parses the file (the developers' guide: read GGUF with it, never re-implement
+# the parser). Stock, it trusts every count in the file: it slices past the end and fails later with
+# an IndexError, recurses into nested arrays (RecursionError at depth 500), keeps several numpy views
+# per value (400k keys in a 10 MB file: 47 s and 1.5 GB) and checks no tensor layout (a tensor offset
+# that wraps past 2**64 is read from inside the header). _Reader overrides the private hooks where
+# gguf-py meets a count from the file, so that each is checked against the bytes left before any work
+# or allocation, and checks the tensor infos and data offset GGUFReader computed before it builds
+# tensors on them. Parsing then costs time and memory proportional to the file.
+#
+# The overridden hooks (_get, _get_field_parts, _build_fields, _get_tensor_info_field,
+# _build_tensors) and the helpers called (_get_str, _push_field, gguf_scalar_to_np) have the same
+# names, signatures and contracts in gguf 0.17.0, 0.17.1, 0.18.0 and 0.19.0 (read from the released
+# wheels). What differs: 0.17 warns and keeps a duplicated key under a new name (0.18 raises KeyError)
+# and does not check that general.alignment is a power of 2; both are checked here first.
 
 _VT = GGUFValueType
-# value type -> (struct format, numpy dtype); STRING and ARRAY are handled apart.
-_SCALARS: dict[int, tuple[str, str]] = {
-    _VT.UINT8: ("<B", "<u1"), _VT.INT8: ("<b", "<i1"), _VT.UINT16: ("<H", "<u2"), _VT.INT16: ("<h", "<i2"),
-    _VT.UINT32: ("<I", "<u4"), _VT.INT32: ("<i", "<i4"), _VT.FLOAT32: ("<f", "<f4"), _VT.BOOL: ("<B", "<u1"),
-    _VT.UINT64: ("<Q", "<u8"), _VT.INT64: ("<q", "<i8"), _VT.FLOAT64: ("<d", "<f8"),
-}
-_SIZES = {t: struct.calcsize(fmt) for t, (fmt, _) in _SCALARS.items()}
-_FAST = {t: (struct.Struct(fmt).unpack_from, _SIZES[t]) for t, (fmt, _) in _SCALARS.items() if t != _VT.BOOL}
-_U32, _U64 = struct.Struct("<I").unpack_from, struct.Struct("<Q").unpack_from
-_SUPPORTED_VERSIONS = (2, 3)  # llama.cpp: v1 is no longer supported, nothing above 3 exists
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_NAME = 64  # GGML_MAX_NAME: llama.cpp refuses tensor names of 64 bytes or more
 _MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a 1-byte key, value type, a 1-byte value
 _MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, 1-byte name, n_dims, one dim, type, offset
-_DEFAULT_ALIGNMENT = 32
+_HEADER_BYTES = 4 + 4 + 8 + 8  # magic, version, tensor count, key count
 
 
 def _type_name(t: int) -> str:
@@ -161,239 +158,242 @@ def _type_name(t: int) -> str:
         return str(t)
 
 
-class _Parser:
-    """A cursor over the file bytes; every read checks the bytes left and raises GGUFError naming the file."""
+def _text(part: np.ndarray) -> str:
+    return str(part.tobytes(), "utf-8", "replace")
 
-    def __init__(self, path: Path, buf: np.ndarray):
-        self.path, self.buf, self.mv = path, buf, memoryview(buf)
-        self.size, self.pos = len(buf), 0
 
-    def fail(self, msg: str):
-        raise GGUFError(f"{self.path}: {msg}")
-
-    def need(self, n: int, what: str) -> None:
-        if n > self.size - self.pos:
-            self.fail(
-                f"{what} at offset {self.pos} needs {n} bytes but only {self.size - self.pos} remain: "
-                f"truncated or corrupt (runs past the end of the file, {self.size} bytes)"
-            )
-
-    def scalar(self, vtype: int, what: str):
-        fmt, _ = _SCALARS[vtype]
-        n = _SIZES[vtype]
-        self.need(n, what)
-        (v,) = struct.unpack_from(fmt, self.mv, self.pos)
-        self.pos += n
-        if vtype == _VT.BOOL:
-            if v > 1:
-                self.fail(f"corrupt metadata: {what} is a bool stored as byte {v} (GGUF allows only 0 and 1)")
-            return bool(v)
-        return v
-
-    def u32(self, what: str) -> int:
-        return self.scalar(_VT.UINT32, what)
-
-    def u64(self, what: str) -> int:
-        return self.scalar(_VT.UINT64, what)
-
-    def string(self, what: str) -> str:
-        n = self.u64(f"length of {what}")
-        self.need(n, what)
-        s = str(self.mv[self.pos : self.pos + n], "utf-8", "replace")
-        self.pos += n
-        return s
-
-    def value(self, key: str, vtype: int):
-        if vtype == _VT.STRING:
-            return self.string(f"value of {key!r}")
-        if vtype == _VT.ARRAY:
-            return self.array(key)
-        if vtype not in _SCALARS:
-            self.fail(f"corrupt metadata: key {key!r} has invalid value type {vtype} (valid: 0-12)")
-        return self.scalar(vtype, f"value of {key!r}")
-
-    def array(self, key: str) -> list:
-        itype = self.u32(f"element type of array {key!r}")
-        n = self.u64(f"length of array {key!r}")
-        if itype == _VT.ARRAY:
-            self.fail(f"corrupt metadata: key {key!r} is an array of arrays, which GGUF does not allow")
-        if itype == _VT.STRING:
-            # Each string costs at least its 8-byte length: bound the loop before running it.
-            self.need(8 * n, f"array {key!r} of {n} strings")
-            mv, buf, pos, end = self.mv, self.buf, self.pos, self.size
-            out = []
-            append = out.append
-            for i in range(n):
-                if pos + 8 > end:
-                    self.pos = pos
-                    self.need(8, f"length of string {i} of array {key!r}")
-                slen = int.from_bytes(mv[pos : pos + 8], "little")
-                pos += 8
-                if slen > end - pos:
-                    self.pos = pos
-                    self.need(slen, f"string {i} of array {key!r}")
-                append(str(mv[pos : pos + slen], "utf-8", "replace"))
-                pos += slen
-            self.pos = pos
-            return out
-        if itype not in _SCALARS:
-            self.fail(f"corrupt metadata: array {key!r} has invalid element type {itype} (valid: 0-8, 10-12)")
-        self.need(_SIZES[itype] * n, f"array {key!r} of {n} {_type_name(itype)}")
-        values = np.frombuffer(self.buf, dtype=_SCALARS[itype][1], count=n, offset=self.pos)
-        self.pos += values.nbytes
-        if itype == _VT.BOOL:
-            if n and int(values.max()) > 1:
-                self.fail(f"corrupt metadata: array {key!r} holds bool bytes other than 0 and 1")
-            return (values != 0).tolist()
-        return values.tolist()
+def _field_value(f: ReaderField) -> Any:
+    """A metadata ReaderField (as _Reader builds it) as a plain Python value: str, number, bool or list."""
+    if f.types[0] == _VT.ARRAY:
+        if f.types[-1] == _VT.STRING:
+            return [_text(f.parts[i]) for i in f.data]
+        return f.parts[f.data[0]].tolist()  # _Reader keeps a scalar array as one view
+    if f.types[0] == _VT.STRING:
+        return _text(f.parts[-1])
+    return f.parts[-1].tolist()[0]
 
 
 @dataclass(frozen=True)
 class _TensorInfo:
     name: str
-    shape: tuple[int, ...]  # torch order (GGUF lists dims innermost first)
-    qtype: GGMLQuantizationType
     offset: int  # relative to the start of the data section
     nbytes: int
 
 
-def _tensor_info(p: _Parser, i: int, seen: set) -> _TensorInfo:
-    name = p.string(f"name of tensor {i}")
-    what = f"tensor {i} ({name!r})"
-    if not name:
-        p.fail(f"tensor {i} has an empty name")
-    if len(name.encode()) >= _MAX_NAME:
-        p.fail(f"{what}: name is {len(name.encode())} bytes long, GGUF/ggml allow at most {_MAX_NAME - 1}")
-    if name in seen:
-        p.fail(f"duplicate tensor name {name!r} (tensor {i})")
-    seen.add(name)
-    n_dims = p.u32(f"dimension count of {what}")
-    if not 1 <= n_dims <= _MAX_DIMS:
-        p.fail(f"{what} has {n_dims} dimensions; GGUF tensors have 1 to {_MAX_DIMS}")
-    dims = [p.u64(f"dimension {d} of {what}") for d in range(n_dims)]
-    if any(d >= 2**63 for d in dims):
-        p.fail(f"{what} has a negative dimension (as int64): {dims}")
-    if any(d == 0 for d in dims):
-        p.fail(f"{what} has a dimension of size 0: {dims}")
-    numel = prod(dims)
-    if numel >= 2**63:
-        p.fail(f"{what}: the product of its dimensions {dims} overflows int64")
-    type_id = p.u32(f"type of {what}")
-    try:
-        qtype = GGMLQuantizationType(type_id)
-        block, type_size = GGML_QUANT_SIZES[qtype]
-    except (ValueError, KeyError):
-        p.fail(f"{what}: unknown GGML quantization type id {type_id} (gguf {_gguf_version()} does not know it)")
-    if dims[0] % block:
-        p.fail(f"{what}: row length {dims[0]} is not a multiple of the {qtype.name} block size {block}")
-    offset = p.u64(f"data offset of {what}")
-    return _TensorInfo(name, tuple(reversed(dims)), qtype, offset, numel // block * type_size)
+class _Reader(GGUFReader):
+    """GGUFReader with every read bounded by the file and the structural checks of llama.cpp and more.
+
+    `private`: parse these bytes (a private copy of the file) instead of the mapping GGUFReader makes.
+    Metadata values end up in `self.metadata` as plain Python values.
+    """
+
+    _buf: np.ndarray | None = None
+
+    def __init__(self, path: Path, private: np.ndarray | None = None):
+        self._path = path
+        self._buf = private  # else set from GGUFReader's own mapping on the first read
+        self._where: tuple[str, Any] = ("{}", "the header")  # what is being read, for error messages
+        self.metadata: dict[str, Any] = {}
+        self._infos: list[_TensorInfo] = []
+        self._names: set[str] = set()
+        super().__init__(path, "c")  # copy-on-write: torch needs writable arrays; a stray write must not crash
+
+    def _fail(self, msg: str):
+        raise GGUFError(f"{self._path}: {msg}")
+
+    def _context(self) -> str:
+        fmt, arg = self._where
+        return fmt.format(arg)
+
+    # -- reads
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        # Stock: slices silently past the end of the file and fails later (IndexError, short arrays).
+        buf = self._buf
+        if buf is None:  # the first read: GGUFReader.__init__ has just mapped the file
+            buf = self._buf = self.data.view(np.ndarray)  # slicing np.memmap itself costs microseconds per slice
+        dt = np.dtype(dtype)
+        offset, n = int(offset), dt.itemsize * int(count)
+        if n > len(buf) - offset:
+            self._fail(
+                f"{self._context()}: {n} bytes at offset {offset} run past the end of the file "
+                f"({len(buf)} bytes): truncated or corrupt"
+            )
+        arr = buf[offset : offset + n].view(dt)
+        order = self.byte_order if override_order is None else override_order
+        return arr if order == "I" else arr.view(dt.newbyteorder(order))
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        # Stock: recurses once per array element (nested arrays: RecursionError, and silently flattened)
+        # and makes several views per element. Here a scalar array is one view of the file and a string
+        # array one view per string (`data` indexes them; the length parts are not kept).
+        raw_type = int(raw_type)
+        nptype = self.gguf_scalar_to_np.get(raw_type)
+        if nptype is not None:
+            val = self._get(orig_offs, nptype)
+            if raw_type == _VT.BOOL and val.view(np.uint8)[0] > 1:
+                self._fail(f"corrupt metadata: {self._context()} is a bool stored as byte {val.view(np.uint8)[0]} (GGUF allows only 0 and 1)")
+            return int(val.nbytes), [val], [0], [_VT(raw_type)]
+        if raw_type == _VT.STRING:
+            return super()._get_field_parts(orig_offs, raw_type)
+        if raw_type != _VT.ARRAY:
+            self._fail(f"corrupt metadata: {self._context()} has invalid value type {raw_type} (valid: 0-12)")
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        itype, n, offs = int(raw_itype[0]), int(alen[0]), orig_offs + 12
+        if itype == _VT.ARRAY:
+            self._fail(f"corrupt metadata: {self._context()} is an array of arrays, which GGUF does not allow")
+        nptype = self.gguf_scalar_to_np.get(itype)
+        if nptype is not None:
+            values = self._get(offs, nptype, n)  # checks n against the bytes left before numpy sees it
+            if itype == _VT.BOOL and n and int(values.view(np.uint8).max()) > 1:
+                self._fail(f"corrupt metadata: {self._context()} holds bool bytes other than 0 and 1")
+            return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [_VT.ARRAY, _VT(itype)]
+        if itype != _VT.STRING:
+            self._fail(f"corrupt metadata: {self._context()} is an array of invalid element type {itype} (valid: 0-8, 10-12)")
+        buf = self._buf
+        mv, end = memoryview(buf), len(buf)
+        if 8 * n > end - offs:  # each string costs at least its 8-byte length: bound the loop before running it
+            self._fail(f"{self._context()}: an array of {n} strings at offset {offs} runs past the end of the file ({end} bytes)")
+        parts: list = [raw_itype, alen]
+        for i in range(n):
+            slen = int.from_bytes(mv[offs : offs + 8], "little") if offs + 8 <= end else end
+            if slen > end - offs - 8:
+                self._fail(f"{self._context()}: string {i} at offset {offs} runs past the end of the file ({end} bytes)")
+            parts.append(buf[offs + 8 : offs + 8 + slen])
+            offs += 8 + slen
+        return offs - orig_offs, parts, list(range(2, n + 2)), [_VT.ARRAY, _VT.STRING]
+
+    # -- the key/value loop
+
+    def _build_fields(self, offs, count):
+        # Stock: the same loop keeping a ReaderField per key, ~1 KB of numpy views and lists (42x the
+        # bytes of a small u32 key, measured), for as many keys as the header claims. Here each value
+        # becomes a plain Python value as it is read, the counts are checked against the bytes left
+        # first, and only what GGUFReader reads back itself (general.alignment) stays a ReaderField.
+        if self.byte_order != "I":
+            self._fail("byte order differs from this machine's; byte-swapped GGUF files are not supported")
+        n_kv, n_tensors = int(count), int(self.fields["GGUF.tensor_count"].parts[0][0])
+        left = len(self._buf) - offs
+        if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > left:
+            self._fail(
+                f"header claims {n_kv} metadata keys and {n_tensors} tensors, more than the {left} bytes after "
+                "the header can hold: truncated or corrupt"
+            )
+        metadata = self.metadata
+        for i in range(n_kv):
+            orig_offs = offs
+            self._where = ("metadata key {}", i)
+            klen, kdata = self._get_str(offs)
+            key = _text(kdata)
+            if not key:
+                self._fail(f"corrupt metadata: key {i} is empty")
+            if key in metadata:
+                self._fail(f"corrupt metadata: duplicate key {key!r} (key {i})")
+            offs += 8 + int(kdata.nbytes)
+            self._where = ("value type of {!r}", key)
+            raw_type = self._get(offs, np.uint32)
+            offs += 4
+            self._where = ("value of {!r}", key)
+            size, parts, idxs, types = self._get_field_parts(offs, raw_type[0])
+            field = ReaderField(orig_offs, key, [klen, kdata, raw_type, *parts], [j + 3 for j in idxs], types)
+            metadata[key] = _field_value(field)
+            if key == "general.alignment":
+                self._push_field(field, skip_sum=True)
+            offs += size
+        align = self.fields.get("general.alignment")
+        if align is not None:  # GGUFReader reads it after the tensor infos; gguf 0.17 does not check it
+            if align.types != [_VT.UINT32]:
+                self._fail(f"general.alignment must be a UINT32, got {_type_name(align.types[0])}")
+            a = int(align.parts[-1][0])
+            if a <= 0 or a & (a - 1):
+                self._fail(f"general.alignment {a} is not a power of 2")
+        return offs
+
+    # -- tensor infos and layout
+
+    def _get_tensor_info_field(self, orig_offs):
+        # The name and dimension count are checked before GGUFReader reads n_dims dims; the rest after.
+        i = len(self._infos)
+        self._where = ("name of tensor {}", i)
+        _, name_data = self._get_str(orig_offs)
+        name = _text(name_data)
+        what = f"tensor {i} ({name!r})"
+        if not name:
+            self._fail(f"tensor {i} has an empty name")
+        if name_data.nbytes >= _MAX_NAME:
+            self._fail(f"{what}: name is {name_data.nbytes} bytes long, GGUF/ggml allow at most {_MAX_NAME - 1}")
+        if name in self._names:
+            self._fail(f"duplicate tensor name {name!r} (tensor {i})")
+        self._where = ("{}", what)
+        n_dims = int(self._get(orig_offs + 8 + name_data.nbytes, np.uint32)[0])
+        if not 1 <= n_dims <= _MAX_DIMS:
+            self._fail(f"{what} has {n_dims} dimensions; GGUF tensors have 1 to {_MAX_DIMS}")
+        field = super()._get_tensor_info_field(orig_offs)
+        _, _, _, dims_arr, raw_dtype, offset = field.parts
+        dims = [int(d) for d in dims_arr]
+        if any(d >= 2**63 for d in dims):
+            self._fail(f"{what} has a negative dimension (as int64): {dims}")
+        if any(d == 0 for d in dims):
+            self._fail(f"{what} has a dimension of size 0: {dims}")
+        numel = prod(dims)
+        if numel >= 2**63:
+            self._fail(f"{what}: the product of its dimensions {dims} overflows int64")
+        type_id = int(raw_dtype[0])
+        try:
+            qtype = GGMLQuantizationType(type_id)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            self._fail(f"{what}: unknown GGML quantization type id {type_id} (gguf {_gguf_version()} does not know it)")
+        if dims[0] % block:
+            self._fail(f"{what}: row length {dims[0]} is not a multiple of the {qtype.name} block size {block}")
+        self._names.add(name)
+        self._infos.append(_TensorInfo(name, int(offset[0]), numel // block * type_size))
+        return field
+
+    def _build_tensors(self, start_offs, fields):
+        # Stock: adds each offset to the data section start in uint64 (wrapping past 2**64 back into
+        # the header) and accepts overlapping, aliased or unaligned data. Checked on GGUFReader's data
+        # offset and the tensor infos before it makes any view.
+        _check_layout(self, self._infos, int(start_offs), int(self.alignment))
+        super()._build_tensors(start_offs, fields)
 
 
-def _check_layout(p: _Parser, infos: list[_TensorInfo], data_start: int, alignment: int) -> None:
+def _check_layout(r: _Reader, infos: list[_TensorInfo], data_start: int, alignment: int) -> None:
     """Tensor data must lie in the file, aligned, disjoint and back to back in info order (as llama.cpp requires)."""
-    size = p.size
+    size = len(r._buf)
+    if infos and data_start > size:
+        r._fail(f"the data section would start at {data_start}, past the end of the file ({size} bytes): truncated")
+    if not infos and size > data_start:
+        r._fail(f"{size - data_start} bytes follow the metadata of a file without tensors")
     for t in infos:
         span = f"tensor {t.name!r} data [{t.offset}, {t.offset + t.nbytes}) (relative to the data section at {data_start})"
         if t.offset % alignment:
-            p.fail(f"{span}: offset is not a multiple of the alignment {alignment}")
+            r._fail(f"{span}: offset is not a multiple of the alignment {alignment}")
         if t.offset >= 2**63:  # a negative int64: data_start + offset wraps past 2**64, back into the header
-            p.fail(f"{span}: offset + size wraps past 2**64 (the offset is negative as int64)")
+            r._fail(f"{span}: offset + size wraps past 2**64 (the offset is negative as int64)")
         if t.offset + t.nbytes >= 2**63:
-            p.fail(f"{span}: offset + size overflows int64")
+            r._fail(f"{span}: offset + size overflows int64")
         if data_start + t.offset + t.nbytes > size:
-            p.fail(f"{span} runs past the end of the file ({size} bytes): truncated or corrupt")
+            r._fail(f"{span} runs past the end of the file ({size} bytes): truncated or corrupt")
     by_offset = sorted(infos, key=lambda t: (t.offset, t.nbytes))
     for a, b in zip(by_offset, by_offset[1:]):
         if a.offset + a.nbytes > b.offset:
-            p.fail(
+            r._fail(
                 f"tensor {a.name!r} data [{a.offset}, {a.offset + a.nbytes}) overlaps tensor {b.name!r} data "
                 f"[{b.offset}, {b.offset + b.nbytes})"
             )
     expected = 0
     for t in infos:
         if t.offset != expected:
-            p.fail(
+            r._fail(
                 f"tensor {t.name!r} has data offset {t.offset}, expected {expected}: GGUF stores tensor data back "
                 f"to back in tensor-info order, padded to the alignment {alignment} (llama.cpp refuses this file too)"
             )
         expected += -(-t.nbytes // alignment) * alignment
     end = data_start + (infos[-1].offset + infos[-1].nbytes if infos else 0)
-    if size > end + (-end % alignment) and infos:
-        p.fail(f"{size - end} bytes follow the last tensor's data (ending at {end}); more than its alignment padding")
-
-
-def _parse(path: Path, buf: np.ndarray):
-    """(version, metadata, alignment, data_start, tensor infos) of the GGUF bytes `buf`."""
-    p = _Parser(path, buf)
-    p.need(4, "magic")
-    magic = bytes(p.mv[:4])
-    if magic != GGUF_MAGIC:
-        p.fail(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
-    p.pos = 4
-    if p.size < 24:
-        p.fail(f"truncated GGUF file ({p.size} bytes, shorter than the header)")
-    version = p.u32("version")
-    if version & 0xFFFF == 0 and version:
-        p.fail(f"version field {version:#x}: byte order differs from this machine's; byte-swapped GGUF files are not supported")
-    if version not in _SUPPORTED_VERSIONS:
-        p.fail(f"GGUF version {version} is not supported (only {_SUPPORTED_VERSIONS})")
-    n_tensors = p.u64("tensor count")
-    n_kv = p.u64("metadata key count")
-    left = p.size - p.pos
-    if n_kv > left // _MIN_KV_BYTES or n_tensors > left // _MIN_TENSOR_INFO_BYTES or (
-        n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > left
-    ):
-        p.fail(
-            f"header claims {n_kv} metadata keys and {n_tensors} tensors, more than the {left} bytes after the "
-            "header can hold: truncated or corrupt"
-        )
-    metadata: dict[str, Any] = {}
-    alignment = _DEFAULT_ALIGNMENT
-    mv, size = p.mv, p.size
-    for i in range(n_kv):
-        # Inlined reads (no per-key message formatting): 400k keys parse in ~1 s instead of ~4 s.
-        pos = p.pos
-        if pos + 8 > size:
-            p.need(8, f"length of metadata key {i}")
-        (klen,) = _U64(mv, pos)
-        pos += 8
-        if klen > size - pos:
-            p.pos = pos
-            p.need(klen, f"metadata key {i}")
-        key = str(mv[pos : pos + klen], "utf-8", "replace")
-        pos += klen
-        if not key:
-            p.fail(f"corrupt metadata: key {i} is empty")
-        if key in metadata:
-            p.fail(f"corrupt metadata: duplicate key {key!r} (key {i})")
-        if pos + 4 > size:
-            p.pos = pos
-            p.need(4, f"value type of {key!r}")
-        (vtype,) = _U32(mv, pos)
-        pos += 4
-        fast = _FAST.get(vtype)
-        if fast is not None and pos + fast[1] <= size:
-            (metadata[key],) = fast[0](mv, pos)
-            p.pos = pos + fast[1]
-        else:
-            p.pos = pos
-            metadata[key] = p.value(key, vtype)
-        if key == "general.alignment":
-            alignment = metadata[key]
-            if vtype != _VT.UINT32:
-                p.fail(f"general.alignment must be a UINT32, got {_type_name(vtype)}")
-            if alignment <= 0 or alignment & (alignment - 1):
-                p.fail(f"general.alignment {alignment} is not a power of 2")
-    seen: set[str] = set()
-    infos = [_tensor_info(p, i, seen) for i in range(n_tensors)]
-    data_start = p.pos + (-p.pos % alignment)
-    if infos and data_start > p.size:
-        p.fail(f"the data section would start at {data_start}, past the end of the file ({p.size} bytes): truncated")
-    if not infos and p.size > data_start:
-        p.fail(f"{p.size - p.pos} bytes follow the metadata of a file without tensors")
-    _check_layout(p, infos, data_start, alignment)
-    return version, metadata, alignment, data_start, infos
+    if infos and size > end + (-end % alignment):
+        r._fail(f"{size - end} bytes follow the last tensor's data (ending at {end}); more than its alignment padding")
 
 
 def _gguf_version() -> str:
@@ -405,27 +405,38 @@ def _gguf_version() -> str:
         return "?"
 
 
-def _load_bytes(path: Path, mmap: bool):
-    """(numpy uint8 view, torch uint8 tensor) of the whole file: a copy-on-write mapping or a private copy."""
+def _check_header(path: Path) -> int:
+    """The file size, after checking the magic and that a header fits (GGUFReader's own message is 'GGUF magic invalid')."""
     size = path.stat().st_size
-    if size < 4:
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
         raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
-    if mmap:
-        # Copy-on-write: torch needs writable arrays, and a stray in-place op must not crash on a read-only page.
-        arr = np.memmap(path, mode="c").view(np.ndarray)  # slicing np.memmap itself costs microseconds per slice
-        return arr, torch.from_numpy(arr)
+    if size < _HEADER_BYTES:
+        raise GGUFError(f"{path}: truncated GGUF file ({size} bytes, shorter than the header)")
+    return size
+
+
+def _private_copy(path: Path, size: int) -> torch.Tensor:
+    """The whole file read into private memory (mmap=False)."""
     try:
         data = torch.empty(size, dtype=torch.uint8)
     except RuntimeError as e:  # torch reports a failed allocation as RuntimeError
         raise MemoryError(f"{path}: cannot allocate {size} bytes for a private copy (mmap=False): {e}") from e
-    arr = data.numpy()
     with open(path, "rb") as fh:
-        got = fh.readinto(memoryview(arr))
+        got = fh.readinto(memoryview(data.numpy()))
     if got != size:
         raise GGUFError(f"{path}: file shrank from {size} to {got} bytes while reading it")
-    return arr, data
+    return data
+
+
+def _open_reader(path: Path, private: np.ndarray | None) -> _Reader:
+    try:
+        return _Reader(path, private)
+    except GGUFError:
+        raise
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError) as e:  # not expected: the hooks check first
+        raise GGUFError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from e
 
 
 _cache_lock = threading.Lock()
@@ -468,24 +479,28 @@ def read_gguf(path: str | os.PathLike, mmap: bool = True) -> GGUFFile:
 
 def _read(path: Path, mmap: bool) -> GGUFFile:
     log.info("reading GGUF %s", path)
-    arr, data = _load_bytes(path, mmap)
-    version, metadata, alignment, data_start, infos = _parse(path, arr)
+    size = _check_header(path)
+    private = None if mmap else _private_copy(path, size).numpy()
+    # With mmap=False GGUFReader still maps the file, but every read goes to the private copy.
+    reader = _open_reader(path, private)
     tensors = {}
-    for t in infos:
-        start = data_start + t.offset
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+        raw = torch.from_numpy(t.data.reshape(-1).view(np.uint8))  # GGUFReader types F32/F16/I* views
         try:
-            tensors[t.name] = QTensor(data[start : start + t.nbytes], t.qtype, t.shape)
-        except ValueError as e:  # the parser checked everything QTensor does; keep its message if not
+            tensors[t.name] = QTensor(raw, t.tensor_type, shape)
+        except ValueError as e:  # the hooks checked everything QTensor does; keep its message if not
             raise GGUFError(f"{path}: tensor {t.name!r}: {e}") from e
+    metadata = reader.metadata
     arch = metadata.get("general.architecture")
     return GGUFFile(
         path=path,
         architecture=arch if isinstance(arch, str) else None,
         metadata=metadata,
         tensors=tensors,
-        version=version,
-        alignment=alignment,
-        file_size=len(arr),
-        tensor_offsets={t.name: data_start + t.offset for t in infos},
+        version=int(reader.fields["GGUF.version"].parts[0][0]),
+        alignment=int(reader.alignment),
+        file_size=len(reader._buf),
+        tensor_offsets={t.name: int(t.data_offset) for t in reader.tensors},
         mapped=mmap,
     )
