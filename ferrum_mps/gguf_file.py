@@ -4,8 +4,8 @@
 parses it with gguf-py's GGUFReader, whose hooks are bounded by the file size here (see _Reader);
 every `QTensor.raw` is a zero-copy view of those bytes (the views keep them alive). Nothing is
 dequantized on load. A malformed file raises GGUFError naming the file and the problem: everything
-llama.cpp's gguf reader (ggml/src/gguf.cpp) refuses, plus bool bytes other than 0/1, empty or >63-byte tensor names, zero-sized dimensions,
-overlapping tensor data and bytes after the last tensor.
+llama.cpp's gguf reader (ggml/src/gguf.cpp) refuses, plus bool bytes other than 0/1, empty or
+>63-byte tensor names, zero-sized dimensions, overlapping tensor data and bytes after the last tensor.
 """
 
 from __future__ import annotations
@@ -151,6 +151,10 @@ _MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, 1-byte name, n_di
 _HEADER_BYTES = 4 + 4 + 8 + 8  # magic, version, tensor count, key count
 
 
+_VT_OF = {int(t): t for t in _VT}  # GGUFValueType(i) costs ~1 us, once per key
+_DTYPES = {t: np.dtype(t) for t in (np.uint8, np.uint32, np.uint64, *GGUFReader.gguf_scalar_to_np.values())}
+
+
 def _type_name(t: int) -> str:
     try:
         return _VT(t).name
@@ -212,14 +216,14 @@ class _Reader(GGUFReader):
         buf = self._buf
         if buf is None:  # the first read: GGUFReader.__init__ has just mapped the file
             buf = self._buf = self.data.view(np.ndarray)  # slicing np.memmap itself costs microseconds per slice
-        dt = np.dtype(dtype)
-        offset, n = int(offset), dt.itemsize * int(count)
-        if n > len(buf) - offset:
+        dt = _DTYPES.get(dtype) or np.dtype(dtype)
+        offset, count = int(offset), int(count)
+        if dt.itemsize * count > len(buf) - offset:
             self._fail(
-                f"{self._context()}: {n} bytes at offset {offset} run past the end of the file "
+                f"{self._context()}: {dt.itemsize * count} bytes at offset {offset} run past the end of the file "
                 f"({len(buf)} bytes): truncated or corrupt"
             )
-        arr = buf[offset : offset + n].view(dt)
+        arr = np.frombuffer(buf, dt, count, offset)  # one view of buf: half the cost of stock's slice + view
         order = self.byte_order if override_order is None else override_order
         return arr if order == "I" else arr.view(dt.newbyteorder(order))
 
@@ -233,7 +237,7 @@ class _Reader(GGUFReader):
             val = self._get(orig_offs, nptype)
             if raw_type == _VT.BOOL and val.view(np.uint8)[0] > 1:
                 self._fail(f"corrupt metadata: {self._context()} is a bool stored as byte {val.view(np.uint8)[0]} (GGUF allows only 0 and 1)")
-            return int(val.nbytes), [val], [0], [_VT(raw_type)]
+            return int(val.nbytes), [val], [0], [_VT_OF[raw_type]]
         if raw_type == _VT.STRING:
             return super()._get_field_parts(orig_offs, raw_type)
         if raw_type != _VT.ARRAY:
@@ -248,7 +252,7 @@ class _Reader(GGUFReader):
             values = self._get(offs, nptype, n)  # checks n against the bytes left before numpy sees it
             if itype == _VT.BOOL and n and int(values.view(np.uint8).max()) > 1:
                 self._fail(f"corrupt metadata: {self._context()} holds bool bytes other than 0 and 1")
-            return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [_VT.ARRAY, _VT(itype)]
+            return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [_VT.ARRAY, _VT_OF[itype]]
         if itype != _VT.STRING:
             self._fail(f"corrupt metadata: {self._context()} is an array of invalid element type {itype} (valid: 0-8, 10-12)")
         buf = self._buf

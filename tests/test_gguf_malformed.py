@@ -351,3 +351,39 @@ def test_truncating_a_mapped_file_kills_with_sigbus(valid):
     )
     r = subprocess.run([sys.executable, "-c", code, str(valid.path)], capture_output=True, timeout=120)
     assert r.returncode == -7, (r.returncode, r.stderr[-500:])  # -SIGBUS
+
+
+# ------------------------------------------------------------------ the gguf-py hooks the checks live in
+
+
+def test_the_overridden_gguf_py_hooks_exist_with_the_same_signatures():
+    """Every check above lives in an override of a private GGUFReader hook: if a gguf release renamed or
+    re-signed one, the override would silently stop being called and the checks with it."""
+    import inspect
+
+    from ferrum_mps.gguf_file import _Reader
+
+    hooks = [n for n, v in vars(_Reader).items() if callable(v) and n.startswith("_") and not n.startswith("__")
+             and hasattr(gguf.GGUFReader, n)]
+    assert {"_get", "_get_field_parts", "_build_fields", "_get_tensor_info_field", "_build_tensors"} <= set(hooks)
+    for name in hooks:
+        ours, theirs = inspect.signature(getattr(_Reader, name)), inspect.signature(getattr(gguf.GGUFReader, name))
+        assert list(ours.parameters) == list(theirs.parameters), (name, ours, theirs)
+    for helper in ("_get_str", "_push_field", "gguf_scalar_to_np", "_build_tensor_info"):  # called, not overridden
+        assert hasattr(gguf.GGUFReader, helper), helper
+
+
+def test_results_are_gguf_py_s_on_a_valid_file():
+    """The reader really is gguf-py's: its fields and tensors are what GGUFReader built on the checked file."""
+    import tempfile
+    from pathlib import Path
+
+    from ferrum_mps.gguf_file import _Reader
+
+    with tempfile.TemporaryDirectory() as d:
+        p = write_valid(Path(d) / "v.gguf", kv={"general.alignment": (64, gguf.GGUFValueType.UINT32)})
+        r, ref = _Reader(p), gguf.GGUFReader(str(p))
+        assert isinstance(r, gguf.GGUFReader) and r.alignment == ref.alignment == 64
+        assert r.data_offset == ref.data_offset
+        assert [(t.name, t.data_offset, t.n_bytes) for t in r.tensors] == [(t.name, t.data_offset, t.n_bytes) for t in ref.tensors]
+        assert r.metadata == {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
