@@ -321,7 +321,10 @@ class _Reader(GGUFReader):
         i = len(self._infos)
         self._where = ("name of tensor {}", i)
         _, name_data = self._get_str(orig_offs)
-        name = _text(name_data)
+        try:  # GGUFReader decodes tensor names strictly
+            name = str(name_data.tobytes(), "utf-8")
+        except UnicodeDecodeError:
+            self._fail(f"tensor {i}: its name {_text(name_data)!r} is not valid UTF-8")
         what = f"tensor {i} ({name!r})"
         if not name:
             self._fail(f"tensor {i} has an empty name")

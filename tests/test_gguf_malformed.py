@@ -387,3 +387,8 @@ def test_results_are_gguf_py_s_on_a_valid_file():
         assert r.data_offset == ref.data_offset
         assert [(t.name, t.data_offset, t.n_bytes) for t in r.tensors] == [(t.name, t.data_offset, t.n_bytes) for t in ref.tensors]
         assert r.metadata == {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+
+
+def test_tensor_name_not_utf8(valid):
+    valid.patch(valid.tensor_part("tb", 1), b"\xff")
+    rejects(valid.path, "tensor 1", "not valid UTF-8")
