@@ -149,8 +149,6 @@ _MAX_NAME = 64  # GGML_MAX_NAME: llama.cpp refuses tensor names of 64 bytes or m
 _MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a 1-byte key, value type, a 1-byte value
 _MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, 1-byte name, n_dims, one dim, type, offset
 _HEADER_BYTES = 4 + 4 + 8 + 8  # magic, version, tensor count, key count
-
-
 _VT_OF = {int(t): t for t in _VT}  # GGUFValueType(i) costs ~1 us, once per key
 _DTYPES = {t: np.dtype(t) for t in (np.uint8, np.uint32, np.uint64, *GGUFReader.gguf_scalar_to_np.values())}
 
@@ -275,6 +273,8 @@ class _Reader(GGUFReader):
         # bytes of a small u32 key, measured), for as many keys as the header claims. Here each value
         # becomes a plain Python value as it is read, the counts are checked against the bytes left
         # first, and only what GGUFReader reads back itself (general.alignment) stays a ReaderField.
+        # Cost: ~12 us per key through GGUFReader's views (400k u32 keys: ~5 s, 64 MB; stock gguf-py
+        # 50 s, 1.2 GB; a struct-based parser of our own took 0.9 s, but the guide says never re-implement it).
         if self.byte_order != "I":
             self._fail("byte order differs from this machine's; byte-swapped GGUF files are not supported")
         n_kv, n_tensors = int(count), int(self.fields["GGUF.tensor_count"].parts[0][0])
