@@ -152,6 +152,32 @@ def test_from_gguf_reads_a_layer(tmp_path, pair):
         FusedMoE.from_gguf(f.tensors, "blk.4", top_k=2)
 
 
+def test_from_gguf_quantized_router(tmp_path, pair):
+    """A Q8_0 ffn_gate_inp (any non-float router) becomes a QuantLinear that routes like its dequantized weight."""
+    from ferrum_mps.gguf_file import read_gguf
+    from ferrum_mps.nn.linear import QuantLinear
+
+    block, fm = pair("q8_0", 8)
+    set_top_k(block, fm, 2)
+    router_q = gguf.quants.quantize(block.gate.weight.detach().numpy(), Q.Q8_0)
+    path = tmp_path / "moe_q8_router.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    w.add_tensor("blk.0.ffn_gate_inp.weight", router_q, raw_dtype=Q.Q8_0)
+    for name, raw, q in (("gate", fm.gate_raw, fm.gate_qtype), ("up", fm.up_raw, fm.up_qtype), ("down", fm.down_raw, fm.down_qtype)):
+        w.add_tensor(f"blk.0.ffn_{name}_exps.weight", raw.numpy(), raw_dtype=Q(q))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    loaded = FusedMoE.from_gguf(read_gguf(path).tensors, "blk.0", top_k=2)
+    assert isinstance(loaded.gate, QuantLinear) and loaded.gate.qtype == int(Q.Q8_0)
+    ref = copy.deepcopy(block)
+    with torch.no_grad():
+        ref.gate.weight.copy_(torch.from_numpy(gguf.quants.dequantize(router_q, Q.Q8_0)))
+        x = torch.randn(1, 5, fm.hidden_size)
+        torch.testing.assert_close(loaded(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
 def test_bad_construction(pair):
     _, fm = pair("q8_0", 8)
     router = torch.nn.Linear(fm.hidden_size, 8, bias=False)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.ferrum.*)
 from .. import quants
+from .linear import QuantLinear
 
 _FLOAT_QTYPES = ("F32", "F16", "BF16")
 
@@ -21,9 +22,7 @@ def _router(qt) -> nn.Module:
         with torch.no_grad():
             router.weight.copy_(qt.dequantize(torch.float32))
         return router
-    from .linear import QuantLinear
-
-    return QuantLinear(qt.raw, int(qt.qtype), experts, hidden)
+    return QuantLinear.from_qtensor(qt)
 
 
 class FusedMoE(nn.Module):
