@@ -23,6 +23,7 @@ inline float moe_silu(float g) { return g / (1.0f + exp(-g)); }
 // Routing: one simdgroup per token. Each lane keeps up to 8 probabilities (E <= 256) in
 // registers; top-k is k rounds of a simdgroup argmax. Equal values resolve to the lowest expert
 // index, as torch.topk does: strict > within a lane (ascending index), simd_min across lanes.
+// A token with a NaN or +inf logit, or only -inf ones, gets no expert: ids -1, weights 0.
 
 template <typename T>
 kernel void moe_route(
@@ -36,12 +37,29 @@ kernel void moe_route(
     ushort lane [[thread_index_in_simdgroup]])
 {
     const device T *row = logits + long(tg.y) * E;
+    device float *w_out = weights + long(tg.y) * K;
+    device int *id_out = ids + long(tg.y) * K;
     float v[8];
     float m = -INFINITY;
+    bool undefined = false, any_value = false;  // a NaN / +inf logit; a logit other than -inf
     for (short j = 0; j < 8; ++j) {
         const long e = lane + 32 * j;
         v[j] = e < E ? float(row[e]) : -INFINITY;
+        // Tested on the bits: fast math may fold isnan() away.
+        const uint bits = as_type<uint>(v[j]);
+        undefined = undefined || (e < E && bits != 0xff800000u && (bits & 0x7f800000u) == 0x7f800000u);
+        any_value = any_value || (e < E && bits != 0xff800000u);
         m = max(m, v[j]);
+    }
+    if (simd_any(undefined) || !simd_any(any_value)) {
+        // The softmax is undefined: no expert for this token (id -1, weight 0), as the CPU op.
+        if (lane == 0) {
+            for (long r = 0; r < K; ++r) {
+                w_out[r] = 0.0f;
+                id_out[r] = -1;
+            }
+        }
+        return;
     }
     m = simd_max(m);
     float s = 0.0f;
@@ -54,8 +72,6 @@ kernel void moe_route(
         // Taken and padding slots sit below every probability (probabilities are >= 0).
         v[j] = (lane + 32 * j < E) ? v[j] / s : -1.0f;
     }
-    device float *w_out = weights + long(tg.y) * K;
-    device int *id_out = ids + long(tg.y) * K;
     float total = 0.0f;
     for (long r = 0; r < K; ++r) {
         float best = -2.0f;

@@ -193,6 +193,29 @@ def test_qembedding_out_of_range_ids_give_zero_rows(metal_device):
     assert torch.count_nonzero(out[1:].cpu()) == 0
 
 
+@pytest.mark.parametrize("qt", [Q.Q4_K, Q.F32, Q.F16], ids=lambda q: q.name)
+def test_qembedding_int64_ids_outside_int32_are_not_truncated(metal_device, qt):
+    """2**32 + 1 must not become row 1 when narrowed to int32: any id outside [0, rows) is a zero row on MPS
+    (the CPU op rejects it: checking costs nothing there)."""
+    raw = random_raw(qt, 4, 256)
+    ids = torch.tensor([2**32 + 1, 2, -(2**32) + 3, 4, -1], dtype=torch.int64)
+    out = metal.qembedding(ids.to(metal_device), raw.to(metal_device), int(qt), 256).cpu()
+    torch.testing.assert_close(out[1], gguf_dequant(raw, qt, 4, 256)[2], rtol=0, atol=0)
+    assert torch.count_nonzero(out[[0, 2, 3, 4]]) == 0
+    with pytest.raises(ValueError, match="out of range"):
+        torch.ops.ferrum.qembedding(ids, raw, int(qt), 256)
+
+
+def test_qembedding_empty_table_and_ids(metal_device):
+    raw = torch.empty(0, dtype=torch.uint8)
+    for ids in (torch.empty(0, dtype=torch.int64), torch.empty(2, 0, dtype=torch.int32)):
+        for out in (torch.ops.ferrum.qembedding(ids, raw, int(Q.Q4_K), 256),
+                    metal.qembedding(ids.to(metal_device), raw.to(metal_device), int(Q.Q4_K), 256)):
+            assert out.shape == (*ids.shape, 256) and out.dtype == torch.float32
+    with pytest.raises(ValueError, match="out of range"):
+        torch.ops.ferrum.qembedding(torch.tensor([0]), raw, int(Q.Q4_K), 256)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input: checked before any launch
 

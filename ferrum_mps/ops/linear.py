@@ -333,7 +333,7 @@ def qembedding(ids: torch.Tensor, raw: torch.Tensor, qtype: int, dim: int) -> to
     flat = ids.reshape(-1).long()
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= rows):
         raise ValueError(f"ids out of range: the embedding table has {rows} rows, got ids in [{int(flat.min())}, {int(flat.max())}]")
-    picked = raw.view(rows, -1).index_select(0, flat)
+    picked = raw.view(rows, quants.row_nbytes(qt, dim)).index_select(0, flat)
     return _dequant_rows(picked, qt, dim).view(*ids.shape, dim)
 
 
@@ -346,9 +346,16 @@ def qembedding_mps(ids: torch.Tensor, raw: torch.Tensor, qtype: int, dim: int) -
     """As the CPU op, but an id outside [0, rows) yields a row of zeros (checking it would need a host readback)."""
     qt, rows = _embedding_rows(raw, qtype, dim)
     _check_ids(ids, raw)
-    if qt == Q.F32:
-        return _float_view(raw, qt, rows, dim).index_select(0, ids.reshape(-1)).view(*ids.shape, dim)
-    flat = ids.reshape(-1).to(torch.int32).contiguous()
+    if qt == Q.F32:  # torch gather; ids outside [0, rows) read row 0 and are zeroed
+        flat = ids.reshape(-1)
+        valid = (flat >= 0) & (flat < rows)
+        if rows == 0:
+            return raw.new_zeros((*ids.shape, dim), dtype=torch.float32)
+        picked = _float_view(raw, qt, rows, dim).index_select(0, flat.clamp(0, rows - 1))
+        return torch.where(valid.unsqueeze(1), picked, 0.0).view(*ids.shape, dim)
+    # int64 -> int32 with a clamp: 2**32 + 1 must stay out of range, not wrap onto row 1.
+    flat = ids.reshape(-1)
+    flat = (flat if flat.dtype == torch.int32 else flat.clamp(-1, rows).to(torch.int32)).contiguous()
     out = torch.empty((flat.numel(), dim), dtype=torch.float32, device=raw.device)
     if flat.numel() == 0:
         return out.view(*ids.shape, dim)

@@ -22,6 +22,10 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _IDS = (torch.int32, torch.int64)
 # Inductor hands these ops contiguous inputs (the Metal kernels ignore strides).
 _TAGS = (torch.Tag.needs_contiguous_strides,)
+# The expert id of a (token, slot) pair that selects nothing (weight 0, contributes zeros):
+# what moe_route gives a token whose logits are NaN/inf, and what the MPS launchers turn any
+# id outside [0, E) into (they cannot check ids without a host sync).
+NO_EXPERT = -1
 # Bytes of dequantized float32 expert weights the CPU implementations hold at once.
 _CPU_CHUNK_BYTES = 96 << 20
 
@@ -86,8 +90,8 @@ def _check_ids_range(ids: Tensor, experts: int) -> None:
     # the Metal kernels skip pairs whose id is out of range instead of reading out of bounds.
     if ids.device.type == "cpu" and ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= experts:
-            raise ValueError(f"expert ids must be in [0, {experts}), got values in [{lo}, {hi}]")
+        if lo < NO_EXPERT or hi >= experts:
+            raise ValueError(f"expert ids must be in [0, {experts}) or {NO_EXPERT} (no expert), got values in [{lo}, {hi}]")
 
 
 def _check_route(router_logits: Tensor, top_k: int) -> None:
@@ -129,11 +133,15 @@ def _check_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype
 
 
 def _groups(ids: Tensor, experts: int):
-    """Pairs sorted by expert (stable), and the experts used with their [start, end) in that order."""
+    """Pairs sorted by expert (stable), and the experts used with their [start, end) in that order.
+
+    Pairs with id NO_EXPERT sort first and belong to no group: they contribute nothing.
+    """
     flat = ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts)
-    ends = torch.cumsum(counts, 0)
+    counts = torch.bincount(flat - NO_EXPERT, minlength=experts + 1)
+    ends = torch.cumsum(counts, 0)[1:]
+    counts = counts[1:]
     used = torch.nonzero(counts).flatten()
     return order, used.tolist(), (ends - counts)[used].tolist(), ends[used].tolist()
 
@@ -181,13 +189,19 @@ def _expert_mm(xs: Tensor, raw: Tensor, sel: list[int], sizes: list[int], qtype:
 def moe_route(router_logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
     """Softmax (float32) over experts, top-k (torch.topk order), renormalised when `normalize`.
 
-    Returns (weights float32 [T, k], ids int32 [T, k]), exactly as Qwen3MoeTopKRouter.
+    Returns (weights float32 [T, k], ids int32 [T, k]), exactly as Qwen3MoeTopKRouter; a token
+    whose softmax is undefined (NaN or +inf logits, all -inf) gets ids NO_EXPERT and weights 0.
     """
     _check_route(router_logits, top_k)
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    # A NaN or +inf logit, or a row of -inf, leaves the softmax undefined (NaN): that token
+    # gets no expert (id -1, weight 0) rather than arbitrary ids with NaN weights.
+    undefined = probs.isnan().any(dim=-1, keepdim=True)
+    weights = weights.masked_fill(undefined, 0.0)
+    ids = ids.masked_fill(undefined, NO_EXPERT)
     return weights.contiguous(), ids.to(torch.int32).contiguous()
 
 
@@ -308,8 +322,13 @@ def _metal_qtype(raw: Tensor, qtype: int, name: str) -> str:
     return q.name.lower()
 
 
-def _ids32(ids: Tensor) -> Tensor:
-    return ids.to(torch.int32).contiguous()
+def _ids32(ids: Tensor, experts: int) -> Tensor:
+    """Ids as the kernels read them (int32). An int64 id is clamped to [-1, E] first, so one
+    outside int32 (2**32 + 1) stays out of range (no expert) instead of wrapping onto a valid
+    expert: one elementwise op, no host sync."""
+    if ids.dtype != torch.int32:
+        ids = ids.clamp(NO_EXPERT, experts).to(torch.int32)
+    return ids.contiguous()
 
 
 def _bucket(ids32: Tensor, experts: int) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -343,7 +362,7 @@ def moe_route_mps(router_logits: Tensor, top_k: int, normalize: bool) -> tuple[T
 def moe_qlinear_mps(x: Tensor, ids: Tensor, experts_raw: Tensor, qtype: int, out_features: int, in_features: int) -> Tensor:
     T, k, E = _check_qlinear(x, ids, experts_raw, qtype, out_features, in_features)
     name, dt = _metal_qtype(experts_raw, qtype, "experts_raw"), _DT[x.dtype]
-    x, ids32, per_slot, P = x.contiguous(), _ids32(ids), int(x.dim() == 3), T * k
+    x, ids32, per_slot, P = x.contiguous(), _ids32(ids, E), int(x.dim() == 3), T * k
     if T < _MM_MIN_TOKENS:
         y = torch.empty(T, k, out_features, dtype=x.dtype, device=x.device)
         if T:
@@ -369,7 +388,7 @@ def moe_ffn_mps(
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    x, ids32, P = x.contiguous(), _ids32(ids), T * k
+    x, ids32, P = x.contiguous(), _ids32(ids, E), T * k
     w = weights.to(torch.float32).contiguous()
     small = T < _MM_MIN_TOKENS
     if not small:
