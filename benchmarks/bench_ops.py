@@ -21,7 +21,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
-from ferrum_mps.quants import DEQUANT_TYPES, dequantize_raw, row_nbytes
+from ferrum_mps.quants import DEQUANT_TYPES, FORMATS, dequantize_raw, row_nbytes
 
 
 def timeit(fn: Callable[[], object], repeat: int) -> float:
@@ -48,14 +48,6 @@ def print_table(title: str, headers: list[str], rows: list[list[object]]) -> Non
 
 # --- dequant -------------------------------------------------------------------------
 
-# Byte offsets of each block format's fp16 scale fields.
-_F16_FIELDS = {
-    Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),
-    Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
-    Q.IQ4_NL: (0,), Q.IQ4_XS: (0,),
-}
-
-
 def synthetic_raw(qtype: Q, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     """Random blocks with realistic fp16 scales (small, finite): [rows, row_nbytes] uint8."""
     rng = np.random.default_rng(seed)
@@ -66,7 +58,7 @@ def synthetic_raw(qtype: Q, rows: int, cols: int, seed: int = 0) -> torch.Tensor
         return w.to(dtype).view(torch.uint8).reshape(rows, nb)
     _, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows * nb // size, size), dtype=np.uint8)
-    for off in _F16_FIELDS[qtype]:
+    for off in FORMATS[qtype].f16_fields:
         scale = (np.abs(rng.standard_normal(raw.shape[0])) * 1e-3).astype(np.float16)
         raw[:, off : off + 2] = scale.view(np.uint8).reshape(-1, 2)
     return torch.from_numpy(raw.reshape(rows, nb))
@@ -217,11 +209,112 @@ def bench_moe(args) -> None:
     )
 
 
+# --- launch --------------------------------------------------------------------------
+
+
+class _StubKernel:
+    def __call__(self, *args, threads=None, group_size=None):  # launches nothing
+        return None
+
+
+class _StubLibrary:
+    def __getattr__(self, name: str) -> _StubKernel:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _StubKernel()  # a new wrapper per lookup, as torch.mps.compile_shader's library does
+
+
+def _stub_compiler(source: str) -> _StubLibrary:
+    return _StubLibrary()
+
+
+def _us(fn: Callable[[], object], calls: int, repeat: int) -> float:
+    """Best of `repeat` runs of `calls` calls, in microseconds per call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, time.perf_counter() - t)
+    return best / calls * 1e6
+
+
+def bench_launch(args) -> None:
+    """Host cost of the MPS launch path with every kernel stubbed (a shader compiler whose kernels do
+    nothing, on CPU tensors): the MPS functions called directly and through a torch.library custom op
+    (same schema, registered for CPU in a scratch namespace), at decode size (one token)."""
+    import ferrum_mps.metal as metal
+    from ferrum_mps import shaders
+    from ferrum_mps.nn import FusedMoE, QuantLinear
+
+    calls, repeat = args.launch_calls, args.repeat
+    H, N, E, k, inter = 2048, 2048, 128, 8, 768
+    raw = synthetic_raw(Q.Q4_K, N, H)
+    x = torch.randn(1, H)
+    raws = [synthetic_raw(q, E * o, i, seed=s).view(E, o, -1) for s, (q, o, i) in
+            enumerate(((Q.Q4_K, inter, H), (Q.Q4_K, inter, H), (Q.Q6_K, H, inter)))]
+    qs = (int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K))
+    w = torch.full((1, k), 1 / k)
+    ids = torch.arange(k, dtype=torch.int32).view(1, k)
+    logits = torch.randn(1, E)
+
+    lib = torch.library.Library("ferrum_bench", "FRAGMENT")  # noqa: F841  (kept alive while measuring)
+
+    @torch.library.custom_op("ferrum_bench::qlinear", mutates_args=(), device_types="cpu")
+    def op_qlinear(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int, in_features: int) -> torch.Tensor:
+        return metal.qlinear(x, raw, qtype, out_features, in_features)
+
+    @torch.library.custom_op("ferrum_bench::moe_ffn", mutates_args=(), device_types="cpu")
+    def op_moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_raw: torch.Tensor, up_raw: torch.Tensor,
+                   down_raw: torch.Tensor, gate_qtype: int, up_qtype: int, down_qtype: int, inter: int) -> torch.Tensor:
+        return metal.moe_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter)
+
+    @torch.library.custom_op("ferrum_bench::empty", mutates_args=(), device_types="cpu")
+    def op_empty(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    rows = []
+    with shaders.use_shader_compiler(_stub_compiler):
+        cases = [
+            ("qlinear_mps, Q4_K 2048x2048, m=1", lambda: metal.qlinear(x, raw, int(Q.Q4_K), N, H),
+             lambda: torch.ops.ferrum_bench.qlinear(x, raw, int(Q.Q4_K), N, H)),
+            ("moe_ffn_mps, 128 experts top-8, T=1", lambda: metal.moe_ffn(x, w, ids, *raws, *qs, inter),
+             lambda: torch.ops.ferrum_bench.moe_ffn(x, w, ids, *raws, *qs, inter)),
+            ("moe_route_mps, 128 experts top-8, T=1", lambda: metal.moe_route(logits, k, True), None),
+            ("torch.empty_like (no launch)", lambda: torch.empty_like(x), lambda: torch.ops.ferrum_bench.empty(x)),
+        ]
+        plan_layer = getattr(QuantLinear, "mps_forward", None)
+        if plan_layer is not None:  # the thin launch path: what a built module runs per call on MPS
+            layer = QuantLinear.from_qtensor(_QT(raw, Q.Q4_K, (N, H)))
+            moe = FusedMoE(torch.nn.Linear(H, E, bias=False), *raws, *qs, top_k=k)
+            cases.insert(1, ("QuantLinear.mps_forward (thin path), m=1", lambda: layer.mps_forward(x), None))
+            cases.insert(3, ("FusedMoE.mps_experts (thin path), T=1", lambda: moe.mps_experts(x, w, ids), None))
+        for name, direct, via_op in cases:
+            t_d = _us(direct, calls, repeat)
+            t_o = _us(via_op, calls, repeat) if via_op else None
+            rows.append([name, f"{t_d:.1f}", f"{t_o:.1f}" if t_o else "", f"{t_o - t_d:.1f}" if t_o else ""])
+    print_table(
+        f"host microseconds per call with kernels stubbed (CPU tensors, best of {repeat} x {calls} calls): "
+        "the function itself, through a torch.library custom op, and the difference (the op dispatch)",
+        ["call", "direct us", "via custom_op us", "dispatch us"],
+        rows,
+    )
+
+
+class _QT:
+    """The QTensor fields QuantLinear.from_qtensor reads."""
+
+    def __init__(self, raw, qtype, shape):
+        self.raw, self.qtype, self.shape = raw, qtype, shape
+
+
 # Sections in the order they run.
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
     "dequant": bench_dequant,
     "qlinear": bench_qlinear,
     "moe": bench_moe,
+    "launch": bench_launch,
 }
 
 
@@ -236,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-tokens", type=lambda v: [int(t) for t in v.split(",")], default=[1, 128],
                    help="moe: token counts, comma-separated")
     p.add_argument("--moe-experts", type=int, default=128, help="moe: number of experts (Qwen3-30B-A3B: 128)")
+    p.add_argument("--launch-calls", type=int, default=2000, help="launch: calls per timed run")
     return p
 
 

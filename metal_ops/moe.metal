@@ -13,9 +13,9 @@
 // Built on qmatmul.h: qmv_rows (mat-vec of one simdgroup) and qmm_tile (a 64-row x 32-token
 // mat-mat tile with gathered activation rows), both called on one expert's slab.
 
-#define MOE_NSG 2       // simdgroups per mat-vec threadgroup
-#define MOE_NR 2        // weight rows per simdgroup
-#define MOE_TP QMM_M    // pairs per mat-mat tile (32, also in the Python launcher)
+// MOE_NSG (simdgroups per mat-vec threadgroup), MOE_NR (weight rows per simdgroup), QMM_*:
+// launch geometry from the prelude (ferrum_mps.kernels.GEOMETRY), read by the launcher too.
+#define MOE_TP QMM_M    // pairs per mat-mat tile
 
 inline float moe_silu(float g) { return g / (1.0f + exp(-g)); }
 
@@ -400,7 +400,7 @@ kernel void moe_reduce(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Instantiations: the quant types with mat-vec traits x activations float / half (/ bfloat).
+// Instantiations: the registry's "moe" types (FERRUM_TYPES_moe, from the prelude) x activation dtypes.
 // Fused gate+up kernels exist for gate type == up type (what llama.cpp writes); the launcher
 // falls back to two moe_mv / moe_mm launches otherwise.
 
@@ -421,28 +421,15 @@ kernel void moe_reduce(
         device const uchar *, device const uchar *, device const T *, device const int *, device const int *, \
         device const int *, device float *, constant long &, constant long &, uint3, ushort, ushort);
 
-#if defined(__HAVE_BFLOAT__)
-#define MOE_INST_BF16(MT, QN) MOE_INST_T(MT, QN, bfloat, bf16)
-#else
-#define MOE_INST_BF16(MT, QN)
-#endif
-
 #define MOE_INST(MT, QN)                                                                                       \
-    MOE_INST_T(MT, QN, float, f32)                                                                             \
-    MOE_INST_T(MT, QN, half, f16)                                                                              \
-    MOE_INST_BF16(MT, QN)                                                                                      \
-    template [[host_name("moe_mm_down_" #QN)]] kernel void moe_mm_down<MT>(                                    \
+    FERRUM_DTYPES(MOE_INST_T, mv_##MT, QN)                                                                     \
+    template [[host_name("moe_mm_down_" #QN)]] kernel void moe_mm_down<mv_##MT>(                               \
         device const uchar *, device const float *, device const int *, device const int *,                   \
         device const float *, device float *, constant long &, constant long &, uint3, ushort, ushort);
 
-MOE_INST(mv_q4_0, q4_0)
-MOE_INST(mv_q5_0, q5_0)
-MOE_INST(mv_q8_0, q8_0)
-MOE_INST(mv_q4_K, q4_k)
-MOE_INST(mv_q5_K, q5_k)
-MOE_INST(mv_q6_K, q6_k)
+FERRUM_TYPES_moe(MOE_INST)
 
-#define MOE_INST_SMALL(T, TN)                                                                                  \
+#define MOE_INST_SMALL(a, b, T, TN)                                                                            \
     template [[host_name("moe_route_" #TN)]] kernel void moe_route<T>(                                         \
         device const T *, device float *, device int *, constant long &, constant long &, constant long &,    \
         uint2, ushort);                                                                                        \
@@ -450,8 +437,4 @@ MOE_INST(mv_q6_K, q6_k)
         device const float *, device const int *, device T *, constant long &, constant long &,               \
         constant long &, constant long &, uint);
 
-MOE_INST_SMALL(float, f32)
-MOE_INST_SMALL(half, f16)
-#if defined(__HAVE_BFLOAT__)
-MOE_INST_SMALL(bfloat, bf16)
-#endif
+FERRUM_DTYPES(MOE_INST_SMALL, _, _)

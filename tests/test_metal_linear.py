@@ -11,11 +11,13 @@ import torch
 import ferrum_mps.metal as metal
 import ferrum_mps.ops  # noqa: F401
 from ferrum_mps import shaders
+from ferrum_mps.quants import metal_types
 from test_ops_linear import gguf_dequant, random_raw
 
 Q = gguf.GGMLQuantizationType
-MV_QTYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]  # dedicated m = 1 kernels
-QTYPES = MV_QTYPES + [Q.IQ4_NL, Q.IQ4_XS]  # IQ4 at m = 1 runs the small-batch kernel
+# From the format registry: every type with Metal kernels is tested, whatever it is.
+MV_QTYPES = list(metal_types("mv"))  # dedicated m = 1 kernels
+QTYPES = list(metal_types("mm"))  # the others (IQ4) at m = 1 run the small-batch kernel
 M_BUCKETS = [1, 2, 3, 5, 8, 9, 31, 64, 67]
 N = 70  # neither a multiple of the 4-row mat-vec groups nor of the 64-row mat-mat tile
 

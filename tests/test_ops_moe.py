@@ -31,10 +31,10 @@ def rand_stack(E, out, inp, qtype, seed=0):
     def f16(lo, hi):
         return (torch.rand(blocks.shape[0], generator=g) * (hi - lo) + lo).half().view(torch.uint8).view(-1, 2)
 
-    at = {Q.Q6_K: 208, Q.Q3_K: 108, Q.Q2_K: 80}.get(qtype, 0)
-    blocks[:, at : at + 2] = f16(0.002, 0.01)
-    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q4_1, Q.Q5_1, Q.Q2_K):
-        blocks[:, at + 2 : at + 4] = f16(0.0, 0.01)
+    scale, *mins = quants.FORMATS[qtype].f16_fields
+    blocks[:, scale : scale + 2] = f16(0.002, 0.01)
+    for at in mins:
+        blocks[:, at : at + 2] = f16(0.0, 0.01)
     return raw
 
 

@@ -11,13 +11,11 @@ from .. import ops as _ops  # noqa: F401  (registers torch.ops.ferrum.*)
 from .. import quants
 from .linear import QuantLinear
 
-_FLOAT_QTYPES = ("F32", "F16", "BF16")
-
 
 def _router(qt) -> nn.Module:
     """Router from a GGUF tensor: float nn.Linear for F32/F16/BF16 (what llama.cpp writes), else QuantLinear."""
     experts, hidden = qt.shape
-    if quants.check_qtype(qt.qtype).name in _FLOAT_QTYPES:
+    if quants.check_qtype(qt.qtype) in quants.FLOAT_QTYPES:
         router = nn.Linear(hidden, experts, bias=False)
         with torch.no_grad():
             router.weight.copy_(qt.dequantize(torch.float32))
