@@ -246,7 +246,6 @@ def bench_launch(args) -> None:
     (same schema, registered for CPU in a scratch namespace), at decode size (one token)."""
     import ferrum_mps.metal as metal
     from ferrum_mps import shaders
-    from ferrum_mps.nn import FusedMoE, QuantLinear
 
     calls, repeat = args.launch_calls, args.repeat
     H, N, E, k, inter = 2048, 2048, 128, 8, 768
@@ -274,39 +273,40 @@ def bench_launch(args) -> None:
     def op_empty(x: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(x)
 
+    # The same ops registered one level down (Library.define + impl, no custom_op wrapper):
+    # what the dispatcher alone costs without custom_op's Python autograd layer.
+    lib.define("qlinear_lib(Tensor x, Tensor raw, int qtype, int out_features, int in_features) -> Tensor")
+    lib.impl("qlinear_lib", lambda *a: metal.qlinear(*a), "CPU")
+    lib.define("moe_ffn_lib(Tensor x, Tensor weights, Tensor ids, Tensor gate_raw, Tensor up_raw, Tensor down_raw, "
+               "int gate_qtype, int up_qtype, int down_qtype, int inter) -> Tensor")
+    lib.impl("moe_ffn_lib", lambda *a: metal.moe_ffn(*a), "CPU")
+    lib.define("empty_lib(Tensor x) -> Tensor")
+    lib.impl("empty_lib", lambda x: torch.empty_like(x), "CPU")
+
+    ops = torch.ops.ferrum_bench
     rows = []
     with shaders.use_shader_compiler(_stub_compiler):
         cases = [
             ("qlinear_mps, Q4_K 2048x2048, m=1", lambda: metal.qlinear(x, raw, int(Q.Q4_K), N, H),
-             lambda: torch.ops.ferrum_bench.qlinear(x, raw, int(Q.Q4_K), N, H)),
+             lambda: ops.qlinear(x, raw, int(Q.Q4_K), N, H), lambda: ops.qlinear_lib(x, raw, int(Q.Q4_K), N, H)),
             ("moe_ffn_mps, 128 experts top-8, T=1", lambda: metal.moe_ffn(x, w, ids, *raws, *qs, inter),
-             lambda: torch.ops.ferrum_bench.moe_ffn(x, w, ids, *raws, *qs, inter)),
-            ("moe_route_mps, 128 experts top-8, T=1", lambda: metal.moe_route(logits, k, True), None),
-            ("torch.empty_like (no launch)", lambda: torch.empty_like(x), lambda: torch.ops.ferrum_bench.empty(x)),
+             lambda: ops.moe_ffn(x, w, ids, *raws, *qs, inter), lambda: ops.moe_ffn_lib(x, w, ids, *raws, *qs, inter)),
+            ("moe_route_mps, 128 experts top-8, T=1", lambda: metal.moe_route(logits, k, True), None, None),
+            ("torch.empty_like (no launch)", lambda: torch.empty_like(x), lambda: ops.empty(x), lambda: ops.empty_lib(x)),
         ]
-        plan_layer = getattr(QuantLinear, "mps_forward", None)
-        if plan_layer is not None:  # the thin launch path: what a built module runs per call on MPS
-            layer = QuantLinear.from_qtensor(_QT(raw, Q.Q4_K, (N, H)))
-            moe = FusedMoE(torch.nn.Linear(H, E, bias=False), *raws, *qs, top_k=k)
-            cases.insert(1, ("QuantLinear.mps_forward (thin path), m=1", lambda: layer.mps_forward(x), None))
-            cases.insert(3, ("FusedMoE.mps_experts (thin path), T=1", lambda: moe.mps_experts(x, w, ids), None))
-        for name, direct, via_op in cases:
+        for name, direct, via_op, via_lib in cases:
             t_d = _us(direct, calls, repeat)
             t_o = _us(via_op, calls, repeat) if via_op else None
-            rows.append([name, f"{t_d:.1f}", f"{t_o:.1f}" if t_o else "", f"{t_o - t_d:.1f}" if t_o else ""])
+            t_l = _us(via_lib, calls, repeat) if via_lib else None
+            rows.append([name, f"{t_d:.1f}"] + (
+                [f"{t_o:.1f}", f"{t_o - t_d:.1f}", f"{t_l:.1f}", f"{t_l - t_d:.1f}"] if t_o else [""] * 4))
     print_table(
-        f"host microseconds per call with kernels stubbed (CPU tensors, best of {repeat} x {calls} calls): "
-        "the function itself, through a torch.library custom op, and the difference (the op dispatch)",
-        ["call", "direct us", "via custom_op us", "dispatch us"],
+        f"host microseconds per call with kernels stubbed (CPU tensors, torch threads {torch.get_num_threads()}, "
+        f"best of {repeat} x {calls} calls): the MPS function called directly, through a torch.library.custom_op "
+        "and through a plain Library.define/impl op of the same schema; 'dispatch' = op minus direct",
+        ["call", "direct", "custom_op", "dispatch", "Library op", "dispatch"],
         rows,
     )
-
-
-class _QT:
-    """The QTensor fields QuantLinear.from_qtensor reads."""
-
-    def __init__(self, raw, qtype, shape):
-        self.raw, self.qtype, self.shape = raw, qtype, shape
 
 
 # Sections in the order they run.

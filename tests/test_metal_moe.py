@@ -9,7 +9,7 @@ import contextlib
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from test_ops_moe import rand_ids, rand_stack
+from test_ops_moe import mix_stacks, rand_ids, rand_stack
 
 import ferrum_mps.metal as metal
 import ferrum_mps.ops.moe as moe_ops
@@ -180,9 +180,8 @@ def stacks():
 
     def get(mix, E):
         if (mix, E) not in cache:
-            (qg, qu, qd), H, inter = MIXES[mix]
-            raws = (rand_stack(E, inter, H, qg, 1), rand_stack(E, inter, H, qu, 2), rand_stack(E, H, inter, qd, 3))
-            cache[mix, E] = raws, (int(qg), int(qu), int(qd)), H, inter
+            raws, qs, H, inter = mix_stacks(MIXES[mix], E)
+            cache[mix, E] = raws, tuple(map(int, qs)), H, inter
         return cache[mix, E]
 
     return get

@@ -181,14 +181,20 @@ MIXES = {
 }
 
 
+def mix_stacks(spec, E):
+    """Random (gate, up, down) expert stacks for spec = ((gate, up, down qtypes), hidden, inter)."""
+    (qg, qu, qd), H, inter = spec
+    raws = (rand_stack(E, inter, H, qg, 1), rand_stack(E, inter, H, qu, 2), rand_stack(E, H, inter, qd, 3))
+    return raws, (qg, qu, qd), H, inter
+
+
 @pytest.fixture(scope="module")
 def ffn_stacks():
     cache = {}
 
     def get(mix, E):
         if (mix, E) not in cache:
-            (qg, qu, qd), H, inter = MIXES[mix]
-            raws = (rand_stack(E, inter, H, qg, 1), rand_stack(E, inter, H, qu, 2), rand_stack(E, H, inter, qd, 3))
+            raws, (qg, qu, qd), H, inter = mix_stacks(MIXES[mix], E)
             refs = (deq(raws[0], qg, H), deq(raws[1], qu, H), deq(raws[2], qd, inter))
             cache[mix, E] = (raws, refs, (qg, qu, qd), H, inter)
         return cache[mix, E]
