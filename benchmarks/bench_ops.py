@@ -242,11 +242,17 @@ def _us(fn: Callable[[], object], calls: int, repeat: int) -> float:
 
 def bench_launch(args) -> None:
     """Host cost of the MPS launch path with every kernel stubbed (a shader compiler whose kernels do
-    nothing, on CPU tensors): the MPS functions called directly and through a torch.library custom op
-    (same schema, registered for CPU in a scratch namespace), at decode size (one token)."""
+    nothing, on CPU tensors) at decode size (one token): the MPS functions called directly, and through
+    an op of the same schema registered three ways (for CPU, in a scratch namespace): a
+    torch.library.custom_op, a plain Library.define/impl op, and ferrum_mps.ops.common.ferrum_op (how
+    the ferrum ops are registered, when this version has it)."""
     import ferrum_mps.metal as metal
     from ferrum_mps import shaders
 
+    try:
+        from ferrum_mps.ops.common import ferrum_op
+    except ImportError:
+        ferrum_op = None
     calls, repeat = args.launch_calls, args.repeat
     H, N, E, k, inter = 2048, 2048, 128, 8, 768
     raw = synthetic_raw(Q.Q4_K, N, H)
@@ -258,53 +264,52 @@ def bench_launch(args) -> None:
     ids = torch.arange(k, dtype=torch.int32).view(1, k)
     logits = torch.randn(1, E)
 
-    lib = torch.library.Library("ferrum_bench", "FRAGMENT")  # noqa: F841  (kept alive while measuring)
-
-    @torch.library.custom_op("ferrum_bench::qlinear", mutates_args=(), device_types="cpu")
-    def op_qlinear(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int, in_features: int) -> torch.Tensor:
+    def qlinear(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int, in_features: int) -> torch.Tensor:
         return metal.qlinear(x, raw, qtype, out_features, in_features)
 
-    @torch.library.custom_op("ferrum_bench::moe_ffn", mutates_args=(), device_types="cpu")
-    def op_moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_raw: torch.Tensor, up_raw: torch.Tensor,
-                   down_raw: torch.Tensor, gate_qtype: int, up_qtype: int, down_qtype: int, inter: int) -> torch.Tensor:
+    def moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_raw: torch.Tensor, up_raw: torch.Tensor,
+                down_raw: torch.Tensor, gate_qtype: int, up_qtype: int, down_qtype: int, inter: int) -> torch.Tensor:
         return metal.moe_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter)
 
-    @torch.library.custom_op("ferrum_bench::empty", mutates_args=(), device_types="cpu")
-    def op_empty(x: torch.Tensor) -> torch.Tensor:
+    def empty(x: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(x)
 
-    # The same ops registered one level down (Library.define + impl, no custom_op wrapper):
-    # what the dispatcher alone costs without custom_op's Python autograd layer.
-    lib.define("qlinear_lib(Tensor x, Tensor raw, int qtype, int out_features, int in_features) -> Tensor")
-    lib.impl("qlinear_lib", lambda *a: metal.qlinear(*a), "CPU")
-    lib.define("moe_ffn_lib(Tensor x, Tensor weights, Tensor ids, Tensor gate_raw, Tensor up_raw, Tensor down_raw, "
-               "int gate_qtype, int up_qtype, int down_qtype, int inter) -> Tensor")
-    lib.impl("moe_ffn_lib", lambda *a: metal.moe_ffn(*a), "CPU")
-    lib.define("empty_lib(Tensor x) -> Tensor")
-    lib.impl("empty_lib", lambda x: torch.empty_like(x), "CPU")
-
+    lib = torch.library.Library("ferrum_bench", "FRAGMENT")
+    for fn in (qlinear, moe_ffn, empty):
+        name = fn.__name__
+        torch.library.custom_op(f"ferrum_bench::{name}", fn, mutates_args=(), device_types="cpu")
+        lib.define(f"{name}_lib" + torch.library.infer_schema(fn, mutates_args=()))
+        lib.impl(f"{name}_lib", fn, "CPU")
+        if ferrum_op is not None:
+            ferrum_op(f"ferrum_bench::{name}_fop")(fn)
     ops = torch.ops.ferrum_bench
+
+    def variants(name, *a):
+        out = [getattr(ops, name), getattr(ops, f"{name}_lib")] + ([getattr(ops, f"{name}_fop")] if ferrum_op else [])
+        return [lambda op=op: op(*a) for op in out]
+
     rows = []
     with shaders.use_shader_compiler(_stub_compiler):
         cases = [
-            ("qlinear_mps, Q4_K 2048x2048, m=1", lambda: metal.qlinear(x, raw, int(Q.Q4_K), N, H),
-             lambda: ops.qlinear(x, raw, int(Q.Q4_K), N, H), lambda: ops.qlinear_lib(x, raw, int(Q.Q4_K), N, H)),
-            ("moe_ffn_mps, 128 experts top-8, T=1", lambda: metal.moe_ffn(x, w, ids, *raws, *qs, inter),
-             lambda: ops.moe_ffn(x, w, ids, *raws, *qs, inter), lambda: ops.moe_ffn_lib(x, w, ids, *raws, *qs, inter)),
-            ("moe_route_mps, 128 experts top-8, T=1", lambda: metal.moe_route(logits, k, True), None, None),
-            ("torch.empty_like (no launch)", lambda: torch.empty_like(x), lambda: ops.empty(x), lambda: ops.empty_lib(x)),
+            ("qlinear_mps, Q4_K 2048x2048, m=1", lambda: qlinear(x, raw, int(Q.Q4_K), N, H),
+             variants("qlinear", x, raw, int(Q.Q4_K), N, H)),
+            ("moe_ffn_mps, 128 experts top-8, T=1", lambda: moe_ffn(x, w, ids, *raws, *qs, inter),
+             variants("moe_ffn", x, w, ids, *raws, *qs, inter)),
+            ("moe_route_mps, 128 experts top-8, T=1", lambda: metal.moe_route(logits, k, True), []),
+            ("torch.empty_like (no launch)", lambda: empty(x), variants("empty", x)),
         ]
-        for name, direct, via_op, via_lib in cases:
+        for name, direct, via in cases:
             t_d = _us(direct, calls, repeat)
-            t_o = _us(via_op, calls, repeat) if via_op else None
-            t_l = _us(via_lib, calls, repeat) if via_lib else None
-            rows.append([name, f"{t_d:.1f}"] + (
-                [f"{t_o:.1f}", f"{t_o - t_d:.1f}", f"{t_l:.1f}", f"{t_l - t_d:.1f}"] if t_o else [""] * 4))
+            row = [name, f"{t_d:.1f}"]
+            for fn in via:
+                t = _us(fn, calls, repeat)
+                row += [f"{t:.1f}", f"{t - t_d:+.1f}"]
+            rows.append(row + [""] * (8 - len(row)))
     print_table(
         f"host microseconds per call with kernels stubbed (CPU tensors, torch threads {torch.get_num_threads()}, "
-        f"best of {repeat} x {calls} calls): the MPS function called directly, through a torch.library.custom_op "
-        "and through a plain Library.define/impl op of the same schema; 'dispatch' = op minus direct",
-        ["call", "direct", "custom_op", "dispatch", "Library op", "dispatch"],
+        f"best of {repeat} x {calls} calls): the function called directly and through an op of the same schema; "
+        "'+' = the op's dispatch (op minus direct)",
+        ["call", "direct", "custom_op", "+", "Library op", "+", "ferrum_op", "+"],
         rows,
     )
 

@@ -237,3 +237,17 @@ def test_dequantize_and_embedding_bad_input():
         torch.ops.ferrum.qembedding(torch.tensor([1.0]), raw, 12, 256)
     with pytest.raises(ValueError, match="whole number"):
         torch.ops.ferrum.qembedding(torch.tensor([1]), raw[:, :-2].contiguous(), 12, 256)
+
+
+def test_ops_are_inference_only_but_never_silently_wrong_under_autograd():
+    """The ops have no backward: with an input that requires grad the forward works and backward raises
+    (rather than returning detached outputs or silent zero gradients)."""
+    raw = random_raw(Q.Q8_0, 4, 64)
+    x = torch.randn(2, 64, requires_grad=True)
+    y = torch.ops.ferrum.qlinear(x, raw, int(Q.Q8_0), 4, 64)
+    torch.testing.assert_close(y, x.detach() @ gguf_dequant(raw, Q.Q8_0, 4, 64).T, rtol=1e-5, atol=1e-5)
+    assert y.requires_grad
+    with pytest.raises(RuntimeError, match="ferrum::qlinear has no backward"):
+        y.sum().backward()
+    with torch.no_grad():
+        assert not torch.ops.ferrum.qlinear(x, raw, int(Q.Q8_0), 4, 64).requires_grad

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable
+
 import torch
 from gguf import GGMLQuantizationType
 
@@ -9,7 +12,7 @@ from .. import quants
 
 __all__ = [
     "FLOAT_DTYPES", "FLOAT_QTYPES", "IDS_DTYPES", "TAGS", "NO_ID", "cdiv", "round_up", "check_float_dtype",
-    "check_ids", "check_same_device", "check_metal", "ids_int32",
+    "check_ids", "check_same_device", "check_metal", "ids_int32", "ferrum_op",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,3 +74,74 @@ def ids_int32(ids: torch.Tensor, n: int) -> torch.Tensor:
     if ids.dtype != torch.int32:
         ids = ids.clamp(NO_ID, n).to(torch.int32)
     return ids.contiguous()
+
+
+# ---------------------------------------------------------------------------
+# Op registration one level below torch.library.custom_op.
+#
+# custom_op puts a Python autograd layer in front of every call: 15-30 us per call on this
+# machine, 3-10x the cost of the launch itself (benchmarks/bench_ops.py, section launch:
+# custom_op ~20 us over the function, a Library.define/impl op ~4-6 us). The ops here are
+# defined with the same inferred schema, CPU impl, fake and MPS impl, plus a small Autograd
+# kernel that passes straight through unless a gradient is wanted, and then makes backward
+# raise (as custom_op does for an op without a backward): inference-only, never silently wrong.
+
+_LIBS: dict[str, torch.library.Library] = {}
+_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
+_grad_enabled, _any_requires_grad = torch._C.is_grad_enabled, torch._C._any_requires_grad  # what custom_op uses
+
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op, *args):
+        ctx.name = op.name()
+        return op(*args)  # grad mode is off in here: the Autograd kernel passes through
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.name} has no backward: the ferrum ops are inference-only")
+
+
+class FerrumOp:
+    """A ferrum op: callable like the op; register_fake / register_kernel as on a custom_op."""
+
+    def __init__(self, qualname: str, fn: Callable, tags: tuple):
+        ns, self._name = qualname.split("::")
+        self._lib = _LIBS.get(ns) or _LIBS.setdefault(ns, torch.library.Library(ns, "FRAGMENT"))
+        self._lib.define(self._name + torch.library.infer_schema(fn, mutates_args=()), tags=tags)
+        self._lib.impl(self._name, fn, "CPU")
+        self._qualname = qualname
+        self._op = op = getattr(getattr(torch.ops, ns), self._name).default
+        below = op._handle.redispatch_boxed
+
+        def autograd(keyset, *args):  # a closure, not a method: this runs on every call
+            if _grad_enabled() and _any_requires_grad(*args):
+                return _NoBackward.apply(op, *args)
+            return below(keyset & _BELOW_AUTOGRAD, *args)
+
+        self._lib.impl(self._name, autograd, "Autograd", with_keyset=True)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._op(*args)
+
+    @property
+    def default(self) -> torch._ops.OpOverload:
+        return self._op
+
+    def register_fake(self, fn: Callable) -> Callable:
+        torch.library.register_fake(self._qualname, lib=self._lib)(fn)
+        return fn
+
+    def register_kernel(self, device: str) -> Callable[[Callable], Callable]:
+        def wrap(fn: Callable) -> Callable:
+            self._lib.impl(self._name, fn, device.upper())
+            return fn
+
+        return wrap
+
+
+def ferrum_op(qualname: str, tags: tuple = TAGS) -> Callable[[Callable], FerrumOp]:
+    """Decorator on the CPU implementation, in place of torch.library.custom_op(qualname, mutates_args=(),
+    device_types="cpu", tags=tags): the schema is inferred from its annotations."""
+    return lambda fn: FerrumOp(qualname, fn, tags)

@@ -19,7 +19,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .. import kernels, quants, shaders
-from .common import FLOAT_DTYPES, FLOAT_QTYPES, TAGS, cdiv, check_float_dtype, check_ids, check_metal, ids_int32, round_up
+from .common import FLOAT_DTYPES, FLOAT_QTYPES, cdiv, check_float_dtype, check_ids, check_metal, ferrum_op, ids_int32, round_up
 
 Q = GGMLQuantizationType
 
@@ -218,7 +218,7 @@ def _plane_runs(qt: GGMLQuantizationType) -> list:
 # ferrum::dequantize
 
 
-@torch.library.custom_op("ferrum::dequantize", mutates_args=(), device_types="cpu", tags=TAGS)
+@ferrum_op("ferrum::dequantize")
 def dequantize(raw: torch.Tensor, qtype: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """Raw GGML rows -> [rows, cols] in `dtype` (float32/float16/bfloat16)."""
     qt = check_raw(raw, qtype, rows, cols)
@@ -255,7 +255,7 @@ dequantize.register_kernel("mps")(dequantize_mps)
 # ferrum::qlinear
 
 
-@torch.library.custom_op("ferrum::qlinear", mutates_args=(), device_types="cpu", tags=TAGS)
+@ferrum_op("ferrum::qlinear")
 def qlinear(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int, in_features: int) -> torch.Tensor:
     """y = x @ W.T with W = raw dequantized [out_features, in_features]; float32 accumulation, x's dtype out."""
     qt = check_raw(raw, qtype, out_features, in_features)
@@ -355,7 +355,7 @@ qlinear.register_kernel("mps")(qlinear_mps)
 # ferrum::qembedding
 
 
-@torch.library.custom_op("ferrum::qembedding", mutates_args=(), device_types="cpu", tags=TAGS)
+@ferrum_op("ferrum::qembedding")
 def qembedding(ids: torch.Tensor, raw: torch.Tensor, qtype: int, dim: int) -> torch.Tensor:
     """Rows `ids` of the GGML table `raw` ([rows, dim]) as float32 [*ids.shape, dim]; only those rows are dequantized."""
     qt, rows = _embedding_rows(raw, qtype, dim)

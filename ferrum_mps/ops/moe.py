@@ -15,7 +15,10 @@ import torch
 from torch import Tensor
 
 from .. import kernels, quants, shaders
-from .common import FLOAT_DTYPES, FLOAT_QTYPES, IDS_DTYPES, NO_ID, TAGS, cdiv, check_float_dtype, check_ids, check_metal, check_same_device, ids_int32
+from .common import (
+    FLOAT_DTYPES, FLOAT_QTYPES, IDS_DTYPES, NO_ID, cdiv, check_float_dtype, check_ids, check_metal, check_same_device, ferrum_op,
+    ids_int32,
+)
 from .linear import SMALL_M, qlinear_small
 
 # The expert id of a (token, slot) pair that selects nothing (weight 0, contributes zeros):
@@ -167,7 +170,7 @@ def _expert_mm(xs: Tensor, raw: Tensor, sel: list[int], sizes: list[int], qtype:
 # ---------------------------------------------------------------------------- moe_route
 
 
-@torch.library.custom_op("ferrum::moe_route", mutates_args=(), device_types="cpu", tags=TAGS)
+@ferrum_op("ferrum::moe_route")
 def moe_route(router_logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
     """Softmax (float32) over experts, top-k (torch.topk order), renormalised when `normalize`.
 
@@ -200,7 +203,7 @@ def _(router_logits, top_k, normalize):
 # ---------------------------------------------------------------------------- moe_qlinear
 
 
-@torch.library.custom_op("ferrum::moe_qlinear", mutates_args=(), device_types="cpu", tags=TAGS)
+@ferrum_op("ferrum::moe_qlinear")
 def moe_qlinear(x: Tensor, ids: Tensor, experts_raw: Tensor, qtype: int, out_features: int, in_features: int) -> Tensor:
     """y[t, s] = x[t] (or x[t, s]) @ W[ids[t, s]].T for each pair; W are the quantized expert matrices."""
     T, k, E = _check_qlinear(x, ids, experts_raw, qtype, out_features, in_features)
@@ -227,7 +230,7 @@ def _(x, ids, experts_raw, qtype, out_features, in_features):
 # ---------------------------------------------------------------------------- moe_ffn
 
 
-@torch.library.custom_op("ferrum::moe_ffn", mutates_args=(), device_types="cpu", tags=TAGS)
+@ferrum_op("ferrum::moe_ffn")
 def moe_ffn(
     x: Tensor,
     weights: Tensor,
