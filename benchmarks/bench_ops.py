@@ -263,6 +263,7 @@ def bench_launch(args) -> None:
     w = torch.full((1, k), 1 / k)
     ids = torch.arange(k, dtype=torch.int32).view(1, k)
     logits = torch.randn(1, E)
+    emb, tok = synthetic_raw(Q.Q4_K, 4096, H), torch.tensor([[7]])
 
     def qlinear(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int, in_features: int) -> torch.Tensor:
         return metal.qlinear(x, raw, qtype, out_features, in_features)
@@ -296,6 +297,7 @@ def bench_launch(args) -> None:
             ("moe_ffn_mps, 128 experts top-8, T=1", lambda: moe_ffn(x, w, ids, *raws, *qs, inter),
              variants("moe_ffn", x, w, ids, *raws, *qs, inter)),
             ("moe_route_mps, 128 experts top-8, T=1", lambda: metal.moe_route(logits, k, True), []),
+            ("qembedding_mps, Q4_K 4096x2048, 1 id", lambda: metal.qembedding(tok, emb, int(Q.Q4_K), H), []),
             ("torch.empty_like (no launch)", lambda: empty(x), variants("empty", x)),
         ]
         for name, direct, via in cases:

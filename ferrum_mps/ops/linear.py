@@ -19,7 +19,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .. import kernels, quants, shaders
-from .common import FLOAT_DTYPES, FLOAT_QTYPES, cdiv, check_float_dtype, check_ids, check_metal, ferrum_op, ids_int32, round_up
+from .common import FLOAT_DTYPES, FLOAT_QTYPES, IDS_DTYPES, cdiv, check_float_dtype, check_ids, check_metal, ferrum_op, ids_int32, round_up
 
 Q = GGMLQuantizationType
 
@@ -374,9 +374,17 @@ def _(ids, raw, qtype, dim):
 
 def qembedding_mps(ids: torch.Tensor, raw: torch.Tensor, qtype: int, dim: int) -> torch.Tensor:
     """As the CPU op, but an id outside [0, rows) yields a row of zeros (checking it would need a host readback)."""
-    qt, rows = _embedding_rows(raw, qtype, dim)
-    _check_ids(ids, raw)
-    if qt == Q.F32:  # torch gather; ids outside [0, rows) read row 0 and are zeroed
+    try:  # the thin path, as qlinear_mps: the table is checked once per layout, ids per call
+        key = ("qembedding", qtype, dim, raw.dtype, raw.numel(), raw.is_contiguous(), raw.storage_offset() & 1)
+        plan = shaders.plans.get(key)
+    except (AttributeError, TypeError):
+        key = plan = None
+    if plan is None:
+        plan = _qembedding_plan(key, raw, qtype, dim)
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in IDS_DTYPES or ids.device != raw.device:
+        _check_ids(ids, raw)
+    qt, rows, kern = plan
+    if kern is None:  # F32: torch gather; ids outside [0, rows) read row 0 and are zeroed
         flat = ids.reshape(-1)
         valid = (flat >= 0) & (flat < rows)
         if rows == 0:
@@ -384,13 +392,19 @@ def qembedding_mps(ids: torch.Tensor, raw: torch.Tensor, qtype: int, dim: int) -
         picked = _float_view(raw, qt, rows, dim).index_select(0, flat.clamp(0, rows - 1))
         return torch.where(valid.unsqueeze(1), picked, 0.0).view(*ids.shape, dim)
     flat = ids_int32(ids.reshape(-1), rows)  # 2**32 + 1 stays out of range: a zero row, not row 1
-    out = torch.empty((flat.numel(), dim), dtype=torch.float32, device=raw.device)
-    if flat.numel() == 0:
-        return out.view(*ids.shape, dim)
-    check_metal(raw, qt, "get_rows")
+    out = torch.empty((*ids.shape, dim), dtype=torch.float32, device=raw.device)
     n = flat.numel() * (dim // 16)
-    kernels.kernel("get_rows", qt)(raw, flat, out, dim, rows, n, threads=round_up(n, 256), group_size=256)
-    return out.view(*ids.shape, dim)
+    if n:
+        kern(raw, flat, out, dim, rows, n, threads=round_up(n, 256), group_size=256)
+    return out
+
+
+def _qembedding_plan(key, raw, qtype, dim):
+    qt, rows = _embedding_rows(raw, qtype, dim)
+    kern = None if qt == Q.F32 else (check_metal(raw, qt, "get_rows"), kernels.kernel("get_rows", qt))[1]
+    if key is not None:
+        shaders.plans[key] = (qt, rows, kern)
+    return qt, rows, kern
 
 
 qembedding.register_kernel("mps")(qembedding_mps)
