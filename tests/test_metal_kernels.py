@@ -139,3 +139,44 @@ def test_registry_and_gguf_agree():
 
     assert linear.METAL_QTYPES == set(quants.FLOAT_QTYPES) | set(quants.metal_types("mm"))
     assert Q.Q4_K in quants.metal_types("moe") and Q.IQ4_XS not in quants.metal_types("mv")
+
+
+def test_thin_path_checks_the_weight_once_and_the_activations_every_call(metal_device, monkeypatch):
+    """After the first call on a weight layout the MPS functions reuse its plan (no weight re-validation,
+    no kernel lookup), yet bad activations / ids / weights of another layout still raise clearly."""
+    from ferrum_mps.ops import linear as L
+    from ferrum_mps.ops import moe as M
+
+    calls = []
+    for mod, name in ((L, "check_raw"), (M, "_check_ffn"), (M, "_check_qlinear")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _n=name, **k: (calls.append(_n), _real(*a, **k))[1])
+    dev = metal_device
+    raw = torch.zeros(8, quants.row_nbytes(Q.Q8_0, 64), dtype=torch.uint8, device=dev)
+    x = torch.zeros(1, 64, device=dev)
+    metal.qlinear(x, raw, int(Q.Q8_0), 8, 64)
+    metal.qlinear(x, raw, int(Q.Q8_0), 8, 64)
+    assert calls == ["check_raw"]
+    with pytest.raises(ValueError, match="in_features=64"):
+        metal.qlinear(torch.zeros(1, 32, device=dev), raw, int(Q.Q8_0), 8, 64)
+    with pytest.raises(ValueError, match="device|on meta"):
+        metal.qlinear(x.to("meta"), raw, int(Q.Q8_0), 8, 64)
+    with pytest.raises(ValueError, match="bytes"):
+        metal.qlinear(x, raw[:7], int(Q.Q8_0), 8, 64)
+
+    g = torch.zeros(4, 32, quants.row_nbytes(Q.Q8_0, 64), dtype=torch.uint8, device=dev)
+    d = torch.zeros(4, 64, quants.row_nbytes(Q.Q8_0, 32), dtype=torch.uint8, device=dev)
+    w, ids = torch.full((1, 2), 0.5, device=dev), torch.tensor([[0, 3]], dtype=torch.int32, device=dev)
+    calls.clear()
+    for _ in range(2):
+        metal.moe_ffn(x, w, ids, g, g, d, 8, 8, 8, 32)
+        metal.moe_qlinear(x, ids, g, 8, 32, 64)
+    assert calls == ["_check_ffn", "_check_qlinear"]
+    with pytest.raises(ValueError, match="weights must have the shape of ids"):
+        metal.moe_ffn(x, w[:, :1], ids, g, g, d, 8, 8, 8, 32)
+    with pytest.raises(TypeError, match="ids must be int32 or int64"):
+        metal.moe_ffn(x, w, ids.float(), g, g, d, 8, 8, 8, 32)
+    with pytest.raises(ValueError, match="ids must have shape"):
+        metal.moe_qlinear(torch.zeros(2, 64, device=dev), ids, g, 8, 32, 64)
+    with pytest.raises(ValueError, match="down_raw has 3 experts"):
+        metal.moe_ffn(x, w, ids, g, g, d[:3], 8, 8, 8, 32)
