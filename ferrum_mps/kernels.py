@@ -67,7 +67,8 @@ class Kernel(NamedTuple):
 # Every kernel stem a launcher may ask for; the full name is stem[_<type>][_<dtype>].
 KERNELS: dict[str, Kernel] = {
     "dequant": Kernel("dequantize.metal", "dequant", True),
-    "get_rows": Kernel("dequantize.metal", "get_rows", False),
+    "get_rows": Kernel("dequantize.metal", "get_rows", False),  # int32 ids
+    "get_rows_i64": Kernel("dequantize.metal", "get_rows", False),  # int64 ids, read as such (no cast launch)
     "mv": Kernel("qlinear.metal", "mv", True),
     "mvb": Kernel("qlinear.metal", "mvb", True),
     "mm": Kernel("qlinear.metal", "mm", True),

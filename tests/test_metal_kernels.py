@@ -85,7 +85,8 @@ def test_every_launcher_path_names_an_existing_kernel(libraries):
                 metal.dequantize(_raw(qt, 2, k), int(qt), 2, k, dt)
         for qt in quants.metal_types("get_rows"):
             k = max(quants.FORMATS[qt].block, 16)
-            metal.qembedding(torch.zeros(3, dtype=torch.int32), _raw(qt, 2, k), int(qt), k)
+            for ids_dtype in (torch.int32, torch.int64):
+                metal.qembedding(torch.zeros(3, dtype=ids_dtype), _raw(qt, 2, k), int(qt), k)
         moe_types = quants.metal_types("moe")
         for qt, up in zip(moe_types, moe_types[1:] + moe_types[:1]):  # fused (gate == up) and mixed
             for q_up in (qt, up):

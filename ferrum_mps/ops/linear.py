@@ -391,17 +391,23 @@ def qembedding_mps(ids: torch.Tensor, raw: torch.Tensor, qtype: int, dim: int) -
             return raw.new_zeros((*ids.shape, dim), dtype=torch.float32)
         picked = _float_view(raw, qt, rows, dim).index_select(0, flat.clamp(0, rows - 1))
         return torch.where(valid.unsqueeze(1), picked, 0.0).view(*ids.shape, dim)
-    flat = ids_int32(ids.reshape(-1), rows)  # 2**32 + 1 stays out of range: a zero row, not row 1
+    # int64 ids (what tokenizers give) go to the kernel as they are: 2**32 + 1 is out of range
+    # there, a zero row, never row 1; and no cast launch per call.
+    flat = ids.reshape(-1).contiguous()
     out = torch.empty((*ids.shape, dim), dtype=torch.float32, device=raw.device)
     n = flat.numel() * (dim // 16)
     if n:
-        kern(raw, flat, out, dim, rows, n, threads=round_up(n, 256), group_size=256)
+        kern[flat.dtype](raw, flat, out, dim, rows, n, threads=round_up(n, 256), group_size=256)
     return out
 
 
 def _qembedding_plan(key, raw, qtype, dim):
     qt, rows = _embedding_rows(raw, qtype, dim)
-    kern = None if qt == Q.F32 else (check_metal(raw, qt, "get_rows"), kernels.kernel("get_rows", qt))[1]
+    if qt == Q.F32:
+        kern = None
+    else:
+        check_metal(raw, qt, "get_rows")
+        kern = {torch.int32: kernels.kernel("get_rows", qt), torch.int64: kernels.kernel("get_rows_i64", qt)}
     if key is not None:
         shaders.plans[key] = (qt, rows, kern)
     return qt, rows, kern
