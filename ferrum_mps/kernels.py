@@ -39,6 +39,7 @@ class Geometry:
     QMM_THREADS: int = 128  # threads per mat-mat threadgroup (4 simdgroups)
     MOE_NSG: int = 2  # simdgroups per MoE mat-vec threadgroup
     MOE_NR: int = 2  # weight rows per simdgroup of the MoE mat-vec kernels
+    MOE_ROUTE_MAX_E: int = 256  # experts the one-simdgroup routing kernel holds (a multiple of 32)
 
     @property
     def mv_rows(self) -> int:

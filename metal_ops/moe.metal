@@ -16,13 +16,15 @@
 // MOE_NSG (simdgroups per mat-vec threadgroup), MOE_NR (weight rows per simdgroup), QMM_*:
 // launch geometry from the prelude (ferrum_mps.kernels.GEOMETRY), read by the launcher too.
 #define MOE_TP QMM_M    // pairs per mat-mat tile
+#define MOE_ROUTE_PER_LANE (MOE_ROUTE_MAX_E / 32)
 
 inline float moe_silu(float g) { return g / (1.0f + exp(-g)); }
 
 // ---------------------------------------------------------------------------------------------
-// Routing: one simdgroup per token. Each lane keeps up to 8 probabilities (E <= 256) in
-// registers; top-k is k rounds of a simdgroup argmax. Equal values resolve to the lowest expert
-// index, as torch.topk does: strict > within a lane (ascending index), simd_min across lanes.
+// Routing: one simdgroup per token. Each lane keeps up to MOE_ROUTE_PER_LANE probabilities in
+// registers (E <= MOE_ROUTE_MAX_E, from the prelude); top-k is k rounds of a simdgroup argmax.
+// Equal values resolve to the lowest expert index, as torch.topk does: strict > within a lane
+// (ascending index), simd_min across lanes.
 // A token with a NaN or +inf logit, or only -inf ones, gets no expert: ids -1, weights 0.
 
 template <typename T>
@@ -39,10 +41,10 @@ kernel void moe_route(
     const device T *row = logits + long(tg.y) * E;
     device float *w_out = weights + long(tg.y) * K;
     device int *id_out = ids + long(tg.y) * K;
-    float v[8];
+    float v[MOE_ROUTE_PER_LANE];
     float m = -INFINITY;
     bool undefined = false, any_value = false;  // a NaN / +inf logit; a logit other than -inf
-    for (short j = 0; j < 8; ++j) {
+    for (short j = 0; j < MOE_ROUTE_PER_LANE; ++j) {
         const long e = lane + 32 * j;
         v[j] = e < E ? float(row[e]) : -INFINITY;
         // Tested on the bits: fast math may fold isnan() away.
@@ -63,12 +65,12 @@ kernel void moe_route(
     }
     m = simd_max(m);
     float s = 0.0f;
-    for (short j = 0; j < 8; ++j) {
+    for (short j = 0; j < MOE_ROUTE_PER_LANE; ++j) {
         v[j] = (lane + 32 * j < E) ? exp(v[j] - m) : 0.0f;
         s += v[j];
     }
     s = simd_sum(s);
-    for (short j = 0; j < 8; ++j) {
+    for (short j = 0; j < MOE_ROUTE_PER_LANE; ++j) {
         // Taken and padding slots sit below every probability (probabilities are >= 0).
         v[j] = (lane + 32 * j < E) ? v[j] / s : -1.0f;
     }
@@ -76,7 +78,7 @@ kernel void moe_route(
     for (long r = 0; r < K; ++r) {
         float best = -2.0f;
         int bi = 0x7fffffff;
-        for (short j = 0; j < 8; ++j) {
+        for (short j = 0; j < MOE_ROUTE_PER_LANE; ++j) {
             if (v[j] > best) {
                 best = v[j];
                 bi = lane + 32 * j;

@@ -289,8 +289,8 @@ def _(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qt
 #   (bucket, gate+up+silu*mul, down*weight, per-token sum).
 
 _MM_MIN_TOKENS = 32  # from here on tokens share expert weights often enough to tile
-_ROUTE_MAX_EXPERTS = 256  # 8 probabilities per lane of the one-simdgroup routing kernel
 _G = kernels.GEOMETRY
+_ROUTE_MAX_EXPERTS = _G.MOE_ROUTE_MAX_E
 _MV_GROUP = [32 * _G.MOE_NSG, 1, 1]  # MoE mat-vec threadgroup: MOE_NSG simdgroups x MOE_NR rows
 _MM_GROUP = [_G.QMM_THREADS, 1, 1]
 _IDS, _WEIGHT_DTYPES = IDS_DTYPES, FLOAT_DTYPES
