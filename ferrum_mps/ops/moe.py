@@ -70,13 +70,20 @@ def _check_stack(raw: Tensor, qtype: int, out_features: int, in_features: int, n
     return raw.shape[0]
 
 
-def _check_ids_range(ids: Tensor, experts: int) -> None:
-    # Reading ids on an MPS tensor would be a host sync: only CPU inputs are checked here;
-    # the Metal kernels skip pairs whose id is out of range instead of reading out of bounds.
+def _check_ids_range(ids: Tensor, experts: int) -> bool:
+    """Raise unless every id is in [0, E) or NO_EXPERT; True when some pair has NO_EXPERT.
+
+    Reading ids on an MPS tensor would be a host sync: only CPU inputs are checked here; the
+    Metal kernels skip pairs whose id is out of range instead of reading out of bounds.
+    Code that indexes with the ids (any kernel that has no NO_EXPERT case) must skip or
+    filter those pairs when this returns True.
+    """
     if ids.device.type == "cpu" and ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < NO_EXPERT or hi >= experts:
             raise ValueError(f"expert ids must be in [0, {experts}) or {NO_EXPERT} (no expert), got values in [{lo}, {hi}]")
+        return lo == NO_EXPERT
+    return False
 
 
 def _check_route(router_logits: Tensor, top_k: int) -> None:
@@ -207,7 +214,7 @@ def _(router_logits, top_k, normalize):
 def moe_qlinear(x: Tensor, ids: Tensor, experts_raw: Tensor, qtype: int, out_features: int, in_features: int) -> Tensor:
     """y[t, s] = x[t] (or x[t, s]) @ W[ids[t, s]].T for each pair; W are the quantized expert matrices."""
     T, k, E = _check_qlinear(x, ids, experts_raw, qtype, out_features, in_features)
-    _check_ids_range(ids, E)
+    _check_ids_range(ids, E)  # pairs with NO_EXPERT: _groups leaves them out
     out = torch.zeros(T * k, out_features, dtype=torch.float32)
     if T == 0:
         return out.view(T, k, out_features).to(x.dtype)
@@ -245,7 +252,7 @@ def moe_ffn(
 ) -> Tensor:
     """out[t] = sum_s weights[t, s] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, s]."""
     T, H, k, E = _check_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter)
-    _check_ids_range(ids, E)
+    _check_ids_range(ids, E)  # pairs with NO_EXPERT: _groups leaves them out
     out = torch.zeros(T, H, dtype=torch.float32)
     if T == 0:
         return out.to(x.dtype)
