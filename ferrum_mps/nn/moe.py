@@ -9,21 +9,18 @@ from torch import Tensor, nn
 
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.ferrum.*)
 from .. import quants
-
-_FLOAT_QTYPES = ("F32", "F16", "BF16")
+from .linear import QuantLinear
 
 
 def _router(qt) -> nn.Module:
     """Router from a GGUF tensor: float nn.Linear for F32/F16/BF16 (what llama.cpp writes), else QuantLinear."""
     experts, hidden = qt.shape
-    if quants.check_qtype(qt.qtype).name in _FLOAT_QTYPES:
+    if quants.check_qtype(qt.qtype) in quants.FLOAT_QTYPES:
         router = nn.Linear(hidden, experts, bias=False)
         with torch.no_grad():
             router.weight.copy_(qt.dequantize(torch.float32))
         return router
-    from .linear import QuantLinear
-
-    return QuantLinear(qt.raw, int(qt.qtype), experts, hidden)
+    return QuantLinear.from_qtensor(qt)
 
 
 class FusedMoE(nn.Module):
@@ -102,7 +99,11 @@ class FusedMoE(nn.Module):
         missing = [n for n in names if n not in tensors]
         if missing:
             raise KeyError(f"GGUF tensors missing for a MoE block: {', '.join(missing)}")
-        router, gate, up, down = (tensors[n] for n in names)
+        return cls.from_qtensors(*(tensors[n] for n in names), top_k=top_k, norm_topk_prob=norm_topk_prob)
+
+    @classmethod
+    def from_qtensors(cls, router, gate, up, down, top_k: int, norm_topk_prob: bool = True) -> "FusedMoE":
+        """Build from the four QTensors of one block: router [E, H], gate/up [E, inter, H], down [E, H, inter]."""
         return cls(_router(router), gate.raw, up.raw, down.raw, gate.qtype, up.qtype, down.qtype, top_k, norm_topk_prob)
 
     @classmethod
