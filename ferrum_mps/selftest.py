@@ -31,8 +31,8 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 from . import metal, ops, quants, shaders
-from .ops import linear as L
 from .ops import moe as M
+from .ops.fused_linear import FUSED_QTYPES
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = (F32, F16, BF16)
@@ -43,8 +43,8 @@ _DT = {F32: "f32", F16: "f16", BF16: "bf16"}
 TOL = {F32: 1e-5, F16: 2e-3, BF16: 1.6e-2}
 EXACT = 0.0
 
-QUANT_TYPES = tuple(sorted(L.METAL_QTYPES - set(L.FLOAT_QTYPES), key=int))  # every quantized type with kernels
-MOE_TYPES = tuple(sorted(M._METAL_QTYPES, key=int))
+# The types of each kernel family, from the quant-format registry (quants.FORMATS).
+DEQUANT_TYPES, ROWS_TYPES, QLINEAR_TYPES, MOE_TYPES = (quants.metal_types(f) for f in ("dequant", "get_rows", "mm", "moe"))
 QUICK_TYPES = (Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q6_K)  # --quick: a 32-block, the Q4_K_M types
 # Byte offsets of the float16 scale fields of the types quants.quantize does not produce: random
 # bytes everywhere else are valid codes; the scales are set to moderate values.
@@ -253,11 +253,11 @@ def _quick(qt=None, dtype=None) -> bool:
 
 CHECKS: list[Check] = [
     *[Check(f"dequantize {qt.name} {_DT[dt]}", op_check("dequantize", partial(_dequantize_args, qt, dt)), EXACT, _quick(qt, dt))
-      for qt in QUANT_TYPES + (Q.F16, Q.BF16) for dt in DTYPES],
+      for qt in DEQUANT_TYPES for dt in DTYPES],
     *[Check(f"qlinear {qt.name} {_DT[dt]} {mn}", op_check("qlinear", partial(_qlinear_args, qt, dt, m)), TOL[dt], _quick(qt, dt))
-      for qt in QUANT_TYPES for dt in DTYPES for mn, m in QLINEAR_M.items()],
+      for qt in QLINEAR_TYPES for dt in DTYPES for mn, m in QLINEAR_M.items()],
     *[Check(f"qembedding {qt.name}", op_check("qembedding", partial(_qembedding_args, qt)), EXACT, _quick(qt))
-      for qt in QUANT_TYPES + (Q.F16, Q.BF16)],
+      for qt in ROWS_TYPES],
     *[Check(f"moe_route {_DT[dt]} E={e} k={k}", op_check("moe_route", partial(_route_args, dt, e, k)), TOL[F32], _quick(None, dt))
       for dt in DTYPES for e, k in ((8, 2), (128, 8))],
     *[Check(f"moe_qlinear {qt.name} {_DT[dt]} {tn}", op_check("moe_qlinear", partial(_moe_qlinear_args, qt, dt, t)), TOL[dt],
@@ -282,7 +282,7 @@ CHECKS: list[Check] = [
       for dt in DTYPES for m in (1, 4)],
     *[Check(f"gate_up_act {qt.name} {_DT[dt]} {act} m={m}", op_check("gate_up_act", partial(_gate_up_act_args, dt, m, qt, act)),
             TOL[dt], _quick(qt, dt) and m == 1)
-      for qt in (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K) for dt in DTYPES for m in (1, 3)
+      for qt in sorted(FUSED_QTYPES, key=int) for dt in DTYPES for m in (1, 3)
       for act in ("silu",) + (("gelu_pytorch_tanh",) if qt == Q.Q4_K else ())],  # gelu: Gemma's MLP
 ]
 
