@@ -409,7 +409,7 @@ def decode_step_bandwidth(env: Env, out, peak: float | None) -> None:
     print(f"{'decode step':<32} {'MB/token':>8} {'us/token':>9} {'GB/s':>7} {'of peak':>8}", file=out)
     _bandwidth_line(f"Qwen3-30B-A3B layer {_DT[model.dtype]}", nbytes, s, peak, out)
     print(f"  (1 layer of 48: embedding row, attention, router, {k} of {e} experts, a {cfg.vocab_size}-token head;"
-          f" eager, the StaticCache bounds check syncs the host each step)", file=out)
+          f" eager decode_step on a StaticCache)", file=out)
 
 
 def _bandwidth_line(what: str, nbytes: float, seconds: float, peak: float | None, out) -> None:
