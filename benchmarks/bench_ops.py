@@ -184,7 +184,7 @@ def bench_moe(args) -> None:
     raws = [synthetic_raw(q, E * o, i, seed=s).view(E, o, -1) for s, (q, o, i) in
             enumerate(((qg, inter, H), (qu, inter, H), (qd, H, inter)))]
     cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=inter, num_experts=E, num_experts_per_tok=k,
-                         norm_topk_prob=True)
+                         norm_topk_prob=True, experts_implementation="eager")
     block = Qwen3MoeSparseMoeBlock(cfg).eval()
     with torch.no_grad():
         block.gate.weight.copy_(torch.randn(E, H, generator=torch.Generator().manual_seed(0)) * 0.02)

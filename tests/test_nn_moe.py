@@ -25,7 +25,8 @@ def deq(raw, qtype, cols):
 
 
 def hf_block(E, k, H, inter, seed=0):
-    cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=inter, num_experts=E, num_experts_per_tok=k, norm_topk_prob=True)
+    cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=inter, num_experts=E, num_experts_per_tok=k, norm_topk_prob=True,
+                         experts_implementation="eager")  # standalone block: transformers 5.0 has no default
     block = Qwen3MoeSparseMoeBlock(cfg).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -75,11 +75,19 @@ def hf_router(E, k, norm, H=32, seed=0):
     from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
-    cfg = Qwen3MoeConfig(hidden_size=H, num_experts=E, num_experts_per_tok=k, norm_topk_prob=norm)
+    cfg = Qwen3MoeConfig(hidden_size=H, num_experts=E, num_experts_per_tok=k, norm_topk_prob=norm,
+                         experts_implementation="eager")  # standalone block: transformers 5.0 has no default
     router = Qwen3MoeTopKRouter(cfg)
     with torch.no_grad():
         router.weight.copy_(torch.randn(E, H, generator=torch.Generator().manual_seed(seed)))
     return router
+
+
+def hf_route(router, x):
+    """(logits, weights, ids) of transformers' router; the logits are computed here because
+    transformers 5.0's router returns probabilities in that slot."""
+    _, w, ids = router(x)
+    return torch.nn.functional.linear(x, router.weight), w, ids
 
 
 @pytest.mark.parametrize("E,k", [(8, 1), (8, 2), (8, 8), (128, 1), (128, 2), (128, 8)])
@@ -87,7 +95,7 @@ def hf_router(E, k, norm, H=32, seed=0):
 def test_route_matches_hf_router(E, k, norm):
     router = hf_router(E, k, norm)
     x = torch.randn(33, 32, generator=torch.Generator().manual_seed(1))
-    logits, ref_w, ref_ids = router(x)
+    logits, ref_w, ref_ids = hf_route(router, x)
     w, ids = ops.moe_route(logits, k, norm)
     assert w.dtype == torch.float32 and ids.dtype == torch.int32 and w.shape == ids.shape == (33, k)
     assert torch.equal(ids.long(), ref_ids)
@@ -99,7 +107,7 @@ def test_route_ties_follow_topk_order():
     router = hf_router(16, 4, True)
     with torch.no_grad():
         router.weight[8:] = router.weight[:8]
-    logits, ref_w, ref_ids = router(torch.randn(9, 32))
+    logits, ref_w, ref_ids = hf_route(router, torch.randn(9, 32))
     logits = torch.cat([logits, torch.zeros(1, 16)])  # all sixteen equal
     w, ids = ops.moe_route(logits, 4, True)
     assert torch.equal(ids[:9].long(), ref_ids)
@@ -109,10 +117,10 @@ def test_route_ties_follow_topk_order():
 
 def test_route_half_logits_softmax_in_float32():
     router = hf_router(8, 2, True).to(torch.bfloat16)
-    logits, ref_w, ref_ids = router(torch.randn(5, 32, dtype=torch.bfloat16))
+    logits, ref_w, ref_ids = hf_route(router, torch.randn(5, 32, dtype=torch.bfloat16))
     w, ids = ops.moe_route(logits, 2, True)
     assert torch.equal(ids.long(), ref_ids)
-    torch.testing.assert_close(w.to(torch.bfloat16), ref_w)  # HF casts to the logits dtype
+    torch.testing.assert_close(w.to(ref_w.dtype), ref_w)  # HF casts to its logits' dtype (5.0: float32)
 
 
 def test_route_bad_input():
