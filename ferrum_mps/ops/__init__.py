@@ -3,3 +3,5 @@
 from . import moe  # noqa: F401,E402
 
 from . import linear  # noqa: F401,E402
+
+from . import norm  # noqa: F401,E402
