@@ -103,6 +103,44 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def launch_functions(unchecked: bool) -> dict:
+    """op name -> its MPS launch function (`unchecked`: the launch_* variants without argument checks where they exist)."""
+    import importlib
+
+    from ferrum_mps import metal
+
+    fns = {n: getattr(metal, n) for n in ("qlinear", "qembedding", "moe_route", "moe_ffn", "moe_qlinear") if hasattr(metal, n)}
+    fns.update(extra_mps_impls())
+    if unchecked:
+        for op in list(fns):
+            for mod in ("norm", "attention", "fused_linear"):
+                try:
+                    m = importlib.import_module(f"ferrum_mps.ops.{mod}")
+                except ImportError:
+                    continue
+                if hasattr(m, f"launch_{op}"):
+                    fns[op] = getattr(m, f"launch_{op}")
+    return fns
+
+
+@contextlib.contextmanager
+def direct_calls(stats: Stats, unchecked: bool):
+    """Experiment: torch.ops.ferrum.<op> replaced by a plain Python call of its launch function, i.e. no
+    dispatcher per kernel: the host cost one custom op per decoder layer would pay inside (plus its one dispatch)."""
+    from ferrum_mps import shaders
+
+    ns, saved = torch.ops.ferrum, {}
+    try:
+        for op, fn in launch_functions(unchecked).items():
+            saved[op] = getattr(ns, op)
+            setattr(ns, op, fn)
+        with shaders.use_shader_compiler(lambda source: _StubLibrary(stats)):
+            yield
+    finally:
+        for op, fn in saved.items():
+            setattr(ns, op, fn)
+
+
 @contextlib.contextmanager
 def metal_launch_path(stats: Stats):
     """Every ferrum op on CPU tensors runs its MPS launch function; every Metal kernel is a counting stub."""
@@ -232,12 +270,13 @@ def load(name: str, layers: int, dtype):
     return ferrum_mps.load_model(path, device="cpu", dtype=dtype, progress=False)
 
 
-def run(model, prompt_len: int, tokens: int, count: bool, generate_kwargs: dict):
+def run(model, prompt_len: int, tokens: int, count: bool, generate_kwargs: dict, launch: str = "dispatcher"):
     stats = Stats() if count else None
     probe = ForwardProbe(model, stats)
     ids = torch.randint(3, min(model.config.vocab_size, 1000), (1, prompt_len), generator=torch.Generator().manual_seed(0))
     gen_stats = Stats()
-    with metal_launch_path(stats or gen_stats), torch.inference_mode():
+    path = metal_launch_path(stats or gen_stats) if launch == "dispatcher" else direct_calls(gen_stats, launch == "unchecked")
+    with path, torch.inference_mode():
         ctx = contextlib.ExitStack()
         if count:
             stats.counting = True
@@ -285,6 +324,9 @@ def main():
                    help="activation dtype (float32: the CPU has no fast float16 for the aten ops that still run)")
     p.add_argument("--repeat", type=int, default=3, help="timed generate() runs (the minimum is reported)")
     p.add_argument("--breakdown", action="store_true", help="print the aten ops of one layer")
+    p.add_argument("--launch", nargs="+", default=["dispatcher"], choices=("dispatcher", "direct", "unchecked"),
+                   help="experiment: time the ops through the dispatcher (default), as direct Python calls of their "
+                        "MPS functions (direct), or of their unchecked launch_* variants (unchecked)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: host cost is single-threaded; more threads only spin)")
     a = p.parse_args()
@@ -297,9 +339,12 @@ def main():
     s = summarize(model, calls, stats, L)
     tokens_run = sum(1 for c in calls if c["T"] == 1) + 1
     syncs_total = (stats.syncs) / max(1, tokens_run - 1)
-    times = [host_time(run(model, a.prompt, a.tokens, False, {})[0], L) for _ in range(a.repeat)]
-    layer_us = min(t[0] for t in times)
-    fwd_us = min(t[1] for t in times)
+    by_launch = {}
+    for _ in range(a.repeat):  # interleaved: the machine's load drifts
+        for launch in a.launch:
+            by_launch.setdefault(launch, []).append(host_time(run(model, a.prompt, a.tokens, False, {}, launch)[0], L))
+    layer_us = min(t[0] for t in by_launch[a.launch[0]])
+    fwd_us = min(t[1] for t in by_launch[a.launch[0]])
     print(f"model {a.model}: {L} layers, hidden {model.config.hidden_size}, {a.dtype}, prompt {a.prompt}, "
           f"{a.tokens} decode steps, torch {torch.__version__}")
     rows = [
@@ -324,6 +369,11 @@ def main():
               "tensors only: their input checks are gated on the CPU device and skip on MPS)")
     print(f"GPU budget per layer at 60% of 400 GB/s for Qwen3-30B-A3B Q4_K_M: ~{BUDGET['gpu_us_per_layer']:.0f} us; "
           f"host/GPU ratio {layer_us / BUDGET['gpu_us_per_layer']:.2f}")
+    if len(a.launch) > 1:
+        base = min(t[0] for t in by_launch[a.launch[0]])
+        for launch, ts in by_launch.items():
+            us = min(t[0] for t in ts)
+            print(f"host us / layer, ops called via {launch:10s}: {us:8.1f}  ({us / base:.2f}x of {a.launch[0]})")
     if a.breakdown:
         print("aten ops per layer per token:", ", ".join(f"{k} {v:g}" for k, v in s["aten_layer_breakdown"].items()))
 
