@@ -338,7 +338,9 @@ def main():
     calls, stats = run(model, a.prompt, a.tokens, True, {})
     s = summarize(model, calls, stats, L)
     tokens_run = sum(1 for c in calls if c["T"] == 1) + 1
-    syncs_total = (stats.syncs) / max(1, tokens_run - 1)
+    decode = [c for c in calls if c["T"] == 1]
+    # from one decode step's start to the next: generate()'s per-token work included, its one-time setup not
+    syncs_total = (decode[-1]["s0"][2] - decode[0]["s0"][2]) / max(1, len(decode) - 1)
     by_launch = {}
     for _ in range(a.repeat):  # interleaved: the machine's load drifts
         for launch in a.launch:
