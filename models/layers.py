@@ -37,10 +37,11 @@ class Step:
         self._make_masks, self._masks, self._cos_sin = make_masks, None, {}
 
     def cos_sin(self, kind: int):
-        rope = self.ropes[kind]
-        if id(rope) not in self._cos_sin:
-            self._cos_sin[id(rope)] = rope.cos_sin(self.position_ids)
-        return self._cos_sin[id(rope)]
+        """(cos, sin) [B, T, 1, D/2] float32 of the layer kind's rope (one table when both kinds share it)."""
+        key = 0 if self.ropes[kind] is self.ropes[0] else kind
+        if key not in self._cos_sin:
+            self._cos_sin[key] = self.ropes[key].cos_sin(self.position_ids)
+        return self._cos_sin[key]
 
     def mask(self, kind: int):
         """Boolean [B, 1, T, S], True = attend."""
