@@ -7,6 +7,8 @@ experts). generate() runs on a StaticCache by default (preallocated, written in 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
@@ -253,3 +255,6 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
             # transformers < 5.24 passes cache_position tensors; our cache counts its slots on the host instead
             inputs.pop("cache_position", None)
         return inputs
+
+    # generate() reads this signature (e.g. whether inputs_embeds is accepted): keep transformers' one
+    prepare_inputs_for_generation.__signature__ = inspect.signature(GenerationMixin.prepare_inputs_for_generation)

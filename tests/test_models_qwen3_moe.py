@@ -174,6 +174,14 @@ def test_generate_defaults_to_a_static_cache_sized_from_the_request(model, ref):
     torch.testing.assert_close(logits, dyn_logits, atol=1e-4, rtol=0)
 
 
+def test_generate_from_inputs_embeds(model):
+    ids = prompt(5, 7)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+    from_embeds = model.generate(inputs_embeds=embeds, **SHORT)  # only the new tokens
+    assert from_embeds.tolist() == model.generate(ids, **SHORT)[:, 5:].tolist()
+
+
 class HostSyncs(TorchDispatchMode):
     """Counts aten ops that read a tensor value on the host (ferrum ops are not entered: a mode
     is off while it handles an op, and their CPU impls' input checks do not exist on MPS)."""
