@@ -126,7 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:  # GGUFError is a ValueError; missing files are OSErrors
-        print(f"ferrum-mps {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError, MemoryError) as e:  # GGUFError is a ValueError; missing files are OSErrors
+        _error(args, e, str(e))
+    except Exception as e:  # noqa: BLE001 - a bug: still one line, the traceback only with -v
+        if args.verbose:
+            raise
+        _error(args, e, f"internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)")
+    return 1
+
+
+def _error(args: argparse.Namespace, e: BaseException, msg: str) -> None:
+    """One line on stderr: a message may quote file contents (keys, templates) that hold newlines."""
+    log.debug("%s failed", args.command, exc_info=e)
+    line = " ".join(msg.split()) or type(e).__name__
+    print(f"ferrum-mps {args.command}: error: {line}", file=sys.stderr)
 

@@ -73,8 +73,11 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = False, history: list[dict
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this model's GGUF has no chat template (tokenizer.chat_template); run without --chat")
         messages = list(history or []) + [{"role": "user", "content": prompt}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)["input_ids"]
+        except Exception as e:  # noqa: BLE001 - the template is the file's code: jinja errors, raise_exception(), ...
+            raise ValueError(f"the model's chat template (tokenizer.chat_template) failed: {type(e).__name__}: {e}") from e
     else:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
     return ids

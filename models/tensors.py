@@ -6,7 +6,10 @@ a block's modules receive `{role: QTensor}` built from `layer_tensors`.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
+
+import torch
 
 if TYPE_CHECKING:
     from .config import GGUFConfig
@@ -43,6 +46,14 @@ LAYER_NAMES = {
 
 def layer_name(i: int, role: str) -> str:
     return f"blk.{i}.{LAYER_NAMES[role]}"
+
+
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+
+def block_indices(tensors) -> set[int]:
+    """The block numbers i that some tensor name "blk.{i}.*" carries."""
+    return {int(m.group(1)) for name in tensors if (m := _BLOCK.match(name))}
 
 
 def is_moe_layer(c: GGUFConfig, i: int) -> bool:
@@ -88,3 +99,10 @@ def check_tensors(c: GGUFConfig, tensors: dict, source: str = "GGUF file") -> No
     bad = [f"{n} has shape {tuple(tensors[n].shape)}, metadata implies {s}" for n, s in want.items() if tuple(tensors[n].shape) != s]
     if bad:
         raise ValueError(f"{source}: metadata inconsistent with tensor shapes: " + "; ".join(bad))
+    # The 1-D weights (norms, biases; a few KB) become float parameters: a NaN or inf there loads fine and
+    # gives NaN logits. rope_freqs divides the rope frequencies: it must be > 0 too.
+    small = [n for n, s in want.items() if len(s) == 1] + ([ROPE_FREQS] if ROPE_FREQS in tensors else [])
+    for n in small:
+        w = tensors[n].dequantize(torch.float32)
+        if not torch.isfinite(w).all() or (n == ROPE_FREQS and not (w > 0).all()):
+            raise ValueError(f"{source}: tensor {n} holds {'non-positive' if torch.isfinite(w).all() else 'NaN or inf'} values")

@@ -31,10 +31,10 @@ def rand_stack(E, out, inp, qtype, seed=0):
     def f16(lo, hi):
         return (torch.rand(blocks.shape[0], generator=g) * (hi - lo) + lo).half().view(torch.uint8).view(-1, 2)
 
-    at = {Q.Q6_K: 208, Q.Q3_K: 108, Q.Q2_K: 80}.get(qtype, 0)
-    blocks[:, at : at + 2] = f16(0.002, 0.01)
-    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q4_1, Q.Q5_1, Q.Q2_K):
-        blocks[:, at + 2 : at + 4] = f16(0.0, 0.01)
+    scale, *mins = quants.FORMATS[qtype].f16_fields
+    blocks[:, scale : scale + 2] = f16(0.002, 0.01)
+    for at in mins:
+        blocks[:, at : at + 2] = f16(0.0, 0.01)
     return raw
 
 
@@ -189,14 +189,20 @@ MIXES = {
 }
 
 
+def mix_stacks(spec, E):
+    """Random (gate, up, down) expert stacks for spec = ((gate, up, down qtypes), hidden, inter)."""
+    (qg, qu, qd), H, inter = spec
+    raws = (rand_stack(E, inter, H, qg, 1), rand_stack(E, inter, H, qu, 2), rand_stack(E, H, inter, qd, 3))
+    return raws, (qg, qu, qd), H, inter
+
+
 @pytest.fixture(scope="module")
 def ffn_stacks():
     cache = {}
 
     def get(mix, E):
         if (mix, E) not in cache:
-            (qg, qu, qd), H, inter = MIXES[mix]
-            raws = (rand_stack(E, inter, H, qg, 1), rand_stack(E, inter, H, qu, 2), rand_stack(E, H, inter, qd, 3))
+            raws, (qg, qu, qd), H, inter = mix_stacks(MIXES[mix], E)
             refs = (deq(raws[0], qg, H), deq(raws[1], qu, H), deq(raws[2], qd, inter))
             cache[mix, E] = (raws, refs, (qg, qu, qd), H, inter)
         return cache[mix, E]
@@ -232,7 +238,8 @@ def test_ffn_bfloat16_and_empty(ffn_stacks):
 @pytest.fixture
 def small():
     g, u, d = rand_stack(4, 96, 64, Q.Q8_0), rand_stack(4, 96, 64, Q.Q8_0), rand_stack(4, 64, 96, Q.Q8_0)
-    w, ids = ops.moe_route(torch.randn(3, 4), 2, True)
+    # Seeded: `ids - 3` below must hold an id < -1 (-1 alone is a valid "no expert").
+    w, ids = ops.moe_route(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), 2, True)
     return torch.randn(3, 64), w, ids, g, u, d
 
 

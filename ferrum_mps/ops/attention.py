@@ -22,7 +22,8 @@ import functools
 import torch
 
 from .. import shaders
-from .linear import _DT, check_float_dtype
+from ..kernels import DTYPE_NAMES as _DT
+from .common import check_float_dtype
 
 __all__ = ["decode_attention", "decode_attention_mps", "launch_decode_attention", "attention_plan", "check_decode_attention"]
 

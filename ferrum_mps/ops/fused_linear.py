@@ -18,6 +18,8 @@ from gguf import GGMLQuantizationType
 
 from .. import quants, shaders
 from . import linear as L
+from ..kernels import DTYPE_NAMES
+from .common import check_metal
 
 Q = GGMLQuantizationType
 
@@ -97,7 +99,7 @@ def qkv_linear_mps(x, raw_q, qtype_q, raw_k, qtype_k, raw_v, qtype_v, n_q, n_kv,
     qts = _check(x, ((raw_q, qtype_q, n_q, "raw_q"), (raw_k, qtype_k, n_kv, "raw_k"), (raw_v, qtype_v, n_kv, "raw_v")), in_features)
     if all(qt in FUSED_QTYPES for qt in qts):
         for raw, qt in zip((raw_q, raw_k, raw_v), qts):
-            L._check_metal_raw(raw, qt)
+            check_metal(raw, qt, "mv")
     return launch_qkv_linear(x, raw_q, int(qts[0]), raw_k, int(qts[1]), raw_v, int(qts[2]), n_q, n_kv, in_features)
 
 
@@ -113,7 +115,7 @@ def launch_qkv_linear(x, raw_q, qtype_q, raw_k, qtype_k, raw_v, qtype_v, n_q, n_
     yk = torch.empty((m, n_kv), dtype=x.dtype, device=x.device)
     yv = torch.empty((m, n_kv), dtype=x.dtype, device=x.device)
     groups = -(-n_q // _ROWS_PER_GROUP) + 2 * -(-n_kv // _ROWS_PER_GROUP)
-    k = shaders.kernel("fused_linear.metal", f"qkv_{'mv' if m == 1 else 'mvb'}_{L._DT[x.dtype]}")
+    k = shaders.kernel("fused_linear.metal", f"qkv_{'mv' if m == 1 else 'mvb'}_{DTYPE_NAMES[x.dtype]}")
     k(raw_q, raw_k, raw_v, x2, yq, yk, yv, in_features, n_q, n_kv, m, qtype_q, qtype_k, qtype_v,
       _row_bytes(qtype_q, in_features), _row_bytes(qtype_k, in_features), _row_bytes(qtype_v, in_features),
       threads=[64, groups], group_size=[64, 1])
@@ -150,7 +152,7 @@ def gate_up_act_mps(x, raw_gate, qtype_gate, raw_up, qtype_up, inter, in_feature
     _act(act)
     if all(qt in FUSED_QTYPES for qt in qts):
         for raw, qt in zip((raw_gate, raw_up), qts):
-            L._check_metal_raw(raw, qt)
+            check_metal(raw, qt, "mv")
     return launch_gate_up_act(x, raw_gate, int(qts[0]), raw_up, int(qts[1]), inter, in_features, act)
 
 
@@ -164,7 +166,7 @@ def launch_gate_up_act(x, raw_gate, qtype_gate, raw_up, qtype_up, inter, in_feat
         u = L.qlinear_mps(x, raw_up, qtype_up, inter, in_features)
         return (_act(act)(g.float()) * u.float()).to(x.dtype)
     y = torch.empty((m, inter), dtype=x.dtype, device=x.device)
-    k = shaders.kernel("fused_linear.metal", f"gate_up_{'mv' if m == 1 else 'mvb'}_{L._DT[x.dtype]}")
+    k = shaders.kernel("fused_linear.metal", f"gate_up_{'mv' if m == 1 else 'mvb'}_{DTYPE_NAMES[x.dtype]}")
     k(raw_gate, raw_up, x2, y, in_features, inter, m, qtype_gate, qtype_up, _row_bytes(qtype_gate, in_features),
       _row_bytes(qtype_up, in_features), ACTS[act], threads=[64, -(-inter // _ROWS_PER_GROUP)], group_size=[64, 1])
     return y.view(*x.shape[:-1], inter)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import shaders
+from ..kernels import DTYPE_NAMES
 
 __all__ = [
     "rms_norm", "add_rms_norm", "qk_norm_rope_cache", "moe_gate_route",  # torch.ops.ferrum.* (set at the end)
@@ -39,7 +40,7 @@ __all__ = [
 _lib = torch.library.Library("ferrum", "FRAGMENT")
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_DT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+_DT = DTYPE_NAMES
 _TAGS = (torch.Tag.needs_contiguous_strides,)
 _MAX_THREADS = 1024
 _ROUTE_MAX_EXPERTS = 256  # ROUTE_MAX_E in norm.metal
