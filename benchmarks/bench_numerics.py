@@ -35,6 +35,15 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", "float16+f32 residual": "f16+f32res"}
 
 
+def block_output(out) -> torch.Tensor:
+    """The residual stream after a block: a block returns (stream, its output still to add) and the
+    next block's add+RMSNorm sums them in the activation dtype (float32 here, to see the true size)."""
+    if isinstance(out, tuple):
+        x, pending = out
+        return x if pending is None else x.float() + pending.float()
+    return out
+
+
 class ActivationMax:
     """Per layer, the largest |value| of each block's output (residual stream) and of its MLP hidden state."""
 
@@ -50,12 +59,14 @@ class ActivationMax:
                 self.handles.append(down.register_forward_pre_hook(self._hidden_hook(i)))
 
     def _note(self, t: torch.Tensor) -> float:
-        self.nonfinite |= not bool(torch.isfinite(t).all())
-        return float(t.detach().abs().float().nan_to_num(posinf=float("inf")).max())
+        if not bool(torch.isfinite(t).all()):
+            self.nonfinite = True
+            return float("inf")
+        return float(t.detach().abs().float().max())
 
     def _block_hook(self, i):
         def hook(module, args, out):
-            self.residual[i] = max(self.residual[i], self._note(out))
+            self.residual[i] = max(self.residual[i], self._note(block_output(out)))
 
         return hook
 
@@ -113,11 +124,17 @@ def keep_residual_float32(model):
     dt = model.layers[0].input_layernorm.weight.dtype
     model.norm.weight = nn.Parameter(model.norm.weight.float(), requires_grad=False)  # the stream starts float32
 
-    def forward(self, x, rope, cs, mask, cache, idx, cache_position):
-        h = self.self_attn(self.input_layernorm(x).to(dt), rope, cs, mask, cache, idx, cache_position)
+    def norm32(norm, x):  # the block's RMSNorm on the float32 stream, rounded to float16 after
+        xf = x.float()
+        return (norm.weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps))).to(dt)
+
+    def forward(self, x, step, pending=None):  # models/layers.py Block.forward with the adds in float32
+        if pending is not None:
+            x = x + pending.float()
+        h = self.self_attn(norm32(self.input_layernorm, x), step, int(self.sliding))
         x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h)).float()
-        h = self.mlp(self.post_attention_layernorm(x).to(dt))
-        return x + (h if self.post_ffn_norm is None else self.post_ffn_norm(h)).float()
+        h = self.mlp(norm32(self.post_attention_layernorm, x))
+        return x + (h if self.post_ffn_norm is None else self.post_ffn_norm(h)).float(), None
 
     for layer in model.layers:
         layer.forward = types.MethodType(forward, layer)

@@ -45,10 +45,17 @@ def test_half_activations_track_float32(synth, reference, dtype):
 
 
 def _residual_max(model):
-    """Forward hooks recording the largest |value| any decoder block outputs (the residual stream)."""
+    """Forward hooks recording the largest |value| of the residual stream after each decoder block
+    (a block returns the stream and its own output still to add: their sum, taken in float32)."""
     seen = []
+
+    def hook(module, args, out):
+        x, pending = out if isinstance(out, tuple) else (out, None)
+        s = x.float() if pending is None else x.float() + pending.float()
+        seen.append(s.abs().max().item())
+
     for layer in model.layers:
-        layer.register_forward_hook(lambda m, a, out: seen.append(out.detach().abs().float().max().item()))
+        layer.register_forward_hook(hook)
     return seen
 
 
