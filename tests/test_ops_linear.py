@@ -7,6 +7,14 @@ import torch
 
 import ferrum_mps.ops  # noqa: F401  (registers the ops)
 from ferrum_mps.ops import linear as L
+from ferrum_mps import native
+
+
+@pytest.fixture(autouse=True)
+def _float_reference():
+    """These tests pin the exact float reference path; tests/test_native.py tests the native kernels against it."""
+    with native.disabled():
+        yield
 
 Q = gguf.GGMLQuantizationType
 QUANT_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS]
