@@ -448,9 +448,37 @@ static float dot_q8_0(const uint8_t* r, const QRow& a, int64_t nb32) {
 
 static inline float dot_min(const float* m16, const float* s16, int64_t n16) {
     float acc = 0.f;
-    for (int64_t g = 0; g < n16; g++) acc += m16[g] * s16[g];
+    int64_t g = 0;
+#if defined(__AVX2__)
+    // Not left to the compiler: without -ffast-math it keeps a float reduction scalar, and
+    // this loop made Q4_K/Q5_K 2x slower than Q6_K (measured 11.6 vs 21 GMAC/s at m=1).
+    __m256 v = _mm256_setzero_ps();
+    for (; g + 8 <= n16; g += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(m16 + g), _mm256_loadu_ps(s16 + g), v);
+    acc = hsum8(v);
+#endif
+    for (; g < n16; g++) acc += m16[g] * s16[g];
     return acc;
 }
+
+#if defined(__AVX2__)
+// Four activation rows against one unpacked weight row: each weight block is loaded once
+// for four products (the mat-mat path; measured ~1.5x over four single dots).
+static void dot_unpacked4(const int8_t* w, const float* d16, const QRow* a, int64_t nb32, float* out) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb32; b++) {
+        const __m256i vw = _mm256_loadu_si256((const __m256i*)(w + 32 * b));
+        const __m256i aw = _mm256_sign_epi8(vw, vw);
+        const __m256 sw = _mm256_set_m128(_mm_set1_ps(d16[2 * b + 1]), _mm_set1_ps(d16[2 * b]));
+        for (int r = 0; r < 4; r++) {
+            const __m256i va = _mm256_loadu_si256((const __m256i*)(a[r].q + 32 * b));
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(va, vw)), ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sw, _mm256_set1_ps(a[r].d32[b])), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = hsum8(acc[r]);
+}
+#endif
 
 // ---------------------------------------------------------------------------- thread pool
 //
@@ -634,7 +662,7 @@ static void job_task(void* ctx, int64_t t) {
     const int64_t k = J->k, nb32 = k / 32, n16 = k / 16, nb = k / J->fmt.block;
     const uint8_t* w = J->tw[t];
     const int64_t p0 = J->tp0[t], pn = J->tpn[t];
-    if (J->qtype == T_Q8_0) {
+    if (J->qtype == T_Q8_0 && pn < 4) {  // in place; from 4 rows on, the blocked path below wins
         for (int64_t r = J->tr0[t]; r < J->tr1[t]; r++) {
             const uint8_t* row = w + r * J->row_bytes;
             for (int64_t i = p0; i < p0 + pn; i++) {
@@ -649,7 +677,23 @@ static void job_task(void* ctx, int64_t t) {
     Scratch& s = t_scratch;
     for (int64_t r = J->tr0[t]; r < J->tr1[t]; r++) {
         J->unpack(w + r * J->row_bytes, nb, s.q, s.d16, s.m16);
-        for (int64_t i = p0; i < p0 + pn; i++) {
+        int64_t i = p0;
+#if defined(__AVX2__)
+        for (; i + 4 <= p0 + pn; i += 4) {
+            QRow a[4];
+            for (int j = 0; j < 4; j++) {
+                const int64_t xr = J->xrow[i + j];
+                a[j] = QRow{(int8_t*)J->aq + xr * k, (float*)J->ad32 + xr * nb32, (float*)J->as16 + xr * n16};
+            }
+            float v[4];
+            dot_unpacked4(s.q, s.d16, a, nb32, v);
+            for (int j = 0; j < 4; j++) {
+                if (J->fmt.has_min) v[j] += dot_min(s.m16, a[j].s16, n16);
+                J->out[J->pairs[i + j] * J->n + r] = v[j];
+            }
+        }
+#endif
+        for (; i < p0 + pn; i++) {
             const int64_t xr = J->xrow[i];
             const QRow a = {(int8_t*)J->aq + xr * k, (float*)J->ad32 + xr * nb32, (float*)J->as16 + xr * n16};
             float v = dot_unpacked(s.q, s.d16, a, nb32);
