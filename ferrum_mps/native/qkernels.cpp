@@ -537,9 +537,9 @@ static void run_tasks(Pool* p) {
     }
 }
 
-// Idle workers spin this long before sleeping: decode issues a call every ~50 us and a
-// futex wake-up costs more than a small mat-vec.
-static const double SPIN_US = 200.0;
+// Idle workers poll (yielding) this long before sleeping: decode issues a call every
+// ~50 us and a futex wake-up costs more than a small mat-vec.
+static const double SPIN_US = 100.0;
 
 static void* worker_main(void* arg) {
     const int idx = (int)(intptr_t)arg;
@@ -550,6 +550,9 @@ static void* worker_main(void* arg) {
         for (int i = 0;; i++) {
             if (p->gen.load(fm::memory_order_acquire) != seen) break;
             if ((i & 255) == 255) {
+                // Yield while waiting: torch's own OpenMP workers run between our calls on the
+                // same cores, and a pure spin would take their time slice.
+                sched_yield();
                 if (t0 < 0) {
                     t0 = now_us();
                 } else if (now_us() - t0 > SPIN_US) {
