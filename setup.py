@@ -26,11 +26,14 @@ setup(
         "ferrum_mps.metal_ops": ["*.metal", "*.h"],
         "ferrum_mps.testing.metal_sim": ["*.h", "*.cpp"],
     },
+    # The lower bounds are the versions CI tests (.ci/run pins them in a second venv): torch 2.13 is
+    # the oldest with torch.mps._host_alias_storage and the CPU wheel on CI's disk; transformers 5.0
+    # is the first 5.x (GenerationMixin without cache_position); gguf 0.17 has every quant type here.
     install_requires=[
-        "torch>=2.8",
-        "gguf>=0.17",
+        "torch>=2.13.0",
+        "gguf>=0.17.0",
         "safetensors",
-        "transformers>=5",
+        "transformers>=5.0.0",
         "numpy",
         "tqdm",
     ],

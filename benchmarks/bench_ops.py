@@ -21,7 +21,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 
-from ferrum_mps.quants import DEQUANT_TYPES, dequantize_raw, row_nbytes
+from ferrum_mps.quants import DEQUANT_TYPES, FORMATS, dequantize_raw, row_nbytes
 
 
 def timeit(fn: Callable[[], object], repeat: int) -> float:
@@ -48,14 +48,6 @@ def print_table(title: str, headers: list[str], rows: list[list[object]]) -> Non
 
 # --- dequant -------------------------------------------------------------------------
 
-# Byte offsets of each block format's fp16 scale fields.
-_F16_FIELDS = {
-    Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),
-    Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
-    Q.IQ4_NL: (0,), Q.IQ4_XS: (0,),
-}
-
-
 def synthetic_raw(qtype: Q, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     """Random blocks with realistic fp16 scales (small, finite): [rows, row_nbytes] uint8."""
     rng = np.random.default_rng(seed)
@@ -66,7 +58,7 @@ def synthetic_raw(qtype: Q, rows: int, cols: int, seed: int = 0) -> torch.Tensor
         return w.to(dtype).view(torch.uint8).reshape(rows, nb)
     _, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows * nb // size, size), dtype=np.uint8)
-    for off in _F16_FIELDS[qtype]:
+    for off in FORMATS[qtype].f16_fields:
         scale = (np.abs(rng.standard_normal(raw.shape[0])) * 1e-3).astype(np.float16)
         raw[:, off : off + 2] = scale.view(np.uint8).reshape(-1, 2)
     return torch.from_numpy(raw.reshape(rows, nb))
@@ -184,7 +176,7 @@ def bench_moe(args) -> None:
     raws = [synthetic_raw(q, E * o, i, seed=s).view(E, o, -1) for s, (q, o, i) in
             enumerate(((qg, inter, H), (qu, inter, H), (qd, H, inter)))]
     cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=inter, num_experts=E, num_experts_per_tok=k,
-                         norm_topk_prob=True)
+                         norm_topk_prob=True, experts_implementation="eager")
     block = Qwen3MoeSparseMoeBlock(cfg).eval()
     with torch.no_grad():
         block.gate.weight.copy_(torch.randn(E, H, generator=torch.Generator().manual_seed(0)) * 0.02)
@@ -217,11 +209,119 @@ def bench_moe(args) -> None:
     )
 
 
+# --- launch --------------------------------------------------------------------------
+
+
+class _StubKernel:
+    def __call__(self, *args, threads=None, group_size=None):  # launches nothing
+        return None
+
+
+class _StubLibrary:
+    def __getattr__(self, name: str) -> _StubKernel:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _StubKernel()  # a new wrapper per lookup, as torch.mps.compile_shader's library does
+
+
+def _stub_compiler(source: str) -> _StubLibrary:
+    return _StubLibrary()
+
+
+def _us(fn: Callable[[], object], calls: int, repeat: int) -> float:
+    """Best of `repeat` runs of `calls` calls, in microseconds per call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, time.perf_counter() - t)
+    return best / calls * 1e6
+
+
+def bench_launch(args) -> None:
+    """Host cost of the MPS launch path with every kernel stubbed (a shader compiler whose kernels do
+    nothing, on CPU tensors) at decode size (one token): the MPS functions called directly, and through
+    an op of the same schema registered three ways (for CPU, in a scratch namespace): a
+    torch.library.custom_op, a plain Library.define/impl op, and ferrum_mps.ops.common.ferrum_op (how
+    the ferrum ops are registered, when this version has it)."""
+    import ferrum_mps.metal as metal
+    from ferrum_mps import shaders
+
+    try:
+        from ferrum_mps.ops.common import ferrum_op
+    except ImportError:
+        ferrum_op = None
+    calls, repeat = args.launch_calls, args.repeat
+    H, N, E, k, inter = 2048, 2048, 128, 8, 768
+    raw = synthetic_raw(Q.Q4_K, N, H)
+    x = torch.randn(1, H)
+    raws = [synthetic_raw(q, E * o, i, seed=s).view(E, o, -1) for s, (q, o, i) in
+            enumerate(((Q.Q4_K, inter, H), (Q.Q4_K, inter, H), (Q.Q6_K, H, inter)))]
+    qs = (int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K))
+    w = torch.full((1, k), 1 / k)
+    ids = torch.arange(k, dtype=torch.int32).view(1, k)
+    logits = torch.randn(1, E)
+    emb, tok = synthetic_raw(Q.Q4_K, 4096, H), torch.tensor([[7]])
+
+    def qlinear(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int, in_features: int) -> torch.Tensor:
+        return metal.qlinear(x, raw, qtype, out_features, in_features)
+
+    def moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_raw: torch.Tensor, up_raw: torch.Tensor,
+                down_raw: torch.Tensor, gate_qtype: int, up_qtype: int, down_qtype: int, inter: int) -> torch.Tensor:
+        return metal.moe_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter)
+
+    def empty(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    lib = torch.library.Library("ferrum_bench", "FRAGMENT")
+    for fn in (qlinear, moe_ffn, empty):
+        name = fn.__name__
+        torch.library.custom_op(f"ferrum_bench::{name}", fn, mutates_args=(), device_types="cpu")
+        lib.define(f"{name}_lib" + torch.library.infer_schema(fn, mutates_args=()))
+        lib.impl(f"{name}_lib", fn, "CPU")
+        if ferrum_op is not None:
+            ferrum_op(f"ferrum_bench::{name}_fop")(fn)
+    ops = torch.ops.ferrum_bench
+
+    def variants(name, *a):
+        out = [getattr(ops, name), getattr(ops, f"{name}_lib")] + ([getattr(ops, f"{name}_fop")] if ferrum_op else [])
+        return [lambda op=op: op(*a) for op in out]
+
+    rows = []
+    with shaders.use_shader_compiler(_stub_compiler):
+        cases = [
+            ("qlinear_mps, Q4_K 2048x2048, m=1", lambda: qlinear(x, raw, int(Q.Q4_K), N, H),
+             variants("qlinear", x, raw, int(Q.Q4_K), N, H)),
+            ("moe_ffn_mps, 128 experts top-8, T=1", lambda: moe_ffn(x, w, ids, *raws, *qs, inter),
+             variants("moe_ffn", x, w, ids, *raws, *qs, inter)),
+            ("moe_route_mps, 128 experts top-8, T=1", lambda: metal.moe_route(logits, k, True), []),
+            ("qembedding_mps, Q4_K 4096x2048, 1 id", lambda: metal.qembedding(tok, emb, int(Q.Q4_K), H), []),
+            ("torch.empty_like (no launch)", lambda: empty(x), variants("empty", x)),
+        ]
+        for name, direct, via in cases:
+            t_d = _us(direct, calls, repeat)
+            row = [name, f"{t_d:.1f}"]
+            for fn in via:
+                t = _us(fn, calls, repeat)
+                row += [f"{t:.1f}", f"{t - t_d:+.1f}"]
+            rows.append(row + [""] * (8 - len(row)))
+    print_table(
+        f"host microseconds per call with kernels stubbed (CPU tensors, torch threads {torch.get_num_threads()}, "
+        f"best of {repeat} x {calls} calls): the function called directly and through an op of the same schema; "
+        "'+' = the op's dispatch (op minus direct)",
+        ["call", "direct", "custom_op", "+", "Library op", "+", "ferrum_op", "+"],
+        rows,
+    )
+
+
 # Sections in the order they run.
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
     "dequant": bench_dequant,
     "qlinear": bench_qlinear,
     "moe": bench_moe,
+    "launch": bench_launch,
 }
 
 
@@ -236,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-tokens", type=lambda v: [int(t) for t in v.split(",")], default=[1, 128],
                    help="moe: token counts, comma-separated")
     p.add_argument("--moe-experts", type=int, default=128, help="moe: number of experts (Qwen3-30B-A3B: 128)")
+    p.add_argument("--launch-calls", type=int, default=2000, help="launch: calls per timed run")
     return p
 
 

@@ -12,6 +12,7 @@ Block layouts are gguf's: `GGML_QUANT_SIZES[qtype] == (block_size, type_size)`.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -20,7 +21,8 @@ from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 Q = GGMLQuantizationType
 
 __all__ = [
-    "check_qtype", "row_nbytes", "dequantize_raw", "code_planes", "plane_layout", "quantize", "DEQUANT_TYPES", "QUANT_TYPES", "UnsupportedQuantization",
+    "check_qtype", "row_nbytes", "dequantize_raw", "code_planes", "plane_layout", "quantize", "DEQUANT_TYPES", "QUANT_TYPES",
+    "UnsupportedQuantization", "Format", "FORMATS", "METAL_FAMILIES", "FLOAT_QTYPES", "metal_types",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,20 +42,23 @@ def check_qtype(q) -> GGMLQuantizationType:
             qt = Q(operator.index(q))  # ints (Python, numpy, 0-d torch), not floats
         except (TypeError, ValueError):
             raise ValueError(f"unknown GGML quantization type {q!r}") from None
-    if qt not in _DEQUANT:
-        names = ", ".join(t.name for t in _DEQUANT)
+    if qt not in FORMATS:
+        names = ", ".join(t.name for t in FORMATS)
         raise ValueError(f"unsupported GGML quantization type {qt.name} ({int(qt)}); supported: {names}")
     return qt
 
 
 def row_nbytes(qtype, cols: int) -> int:
-    """Bytes of one row of `cols` values in `qtype`."""
+    """Bytes of one row of `cols` values in `qtype` (cols may be a SymInt under torch.compile)."""
     qt = check_qtype(qtype)
     block, size = GGML_QUANT_SIZES[qt]
-    try:
-        n = operator.index(cols)
-    except TypeError:
-        raise ValueError(f"row length must be an int, got {cols!r}") from None
+    if isinstance(cols, torch.SymInt):
+        n = cols  # operator.index would specialise it; the checks below only add guards
+    else:
+        try:
+            n = operator.index(cols)
+        except TypeError:
+            raise ValueError(f"row length must be an int, got {cols!r}") from None
     if n <= 0 or n % block:
         raise ValueError(f"row length {cols} is not a positive multiple of the {qt.name} block size {block}")
     return n // block * size
@@ -215,24 +220,6 @@ def _deq_float(dtype):
     return f
 
 
-_DEQUANT: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
-    Q.F32: _deq_float(torch.float32),
-    Q.F16: _deq_float(torch.float16),
-    Q.BF16: _deq_float(torch.bfloat16),
-    Q.Q4_0: _deq_q4_0,
-    Q.Q4_1: _deq_q4_1,
-    Q.Q5_0: _deq_q5_0,
-    Q.Q5_1: _deq_q5_1,
-    Q.Q8_0: _deq_q8_0,
-    Q.Q2_K: _deq_q2_k,
-    Q.Q3_K: _deq_q3_k,
-    Q.Q4_K: _deq_q4_k,
-    Q.Q5_K: _deq_q5_k,
-    Q.Q6_K: _deq_q6_k,
-    Q.IQ4_NL: _deq_iq4_nl,
-    Q.IQ4_XS: _deq_iq4_xs,
-}
-DEQUANT_TYPES = tuple(_DEQUANT)
 
 
 # ---------------------------------------------------------------------------
@@ -371,7 +358,7 @@ def _cp_q2_k(b3):
 
 
 def _cp_generic(qt):
-    fn = _DEQUANT[qt]
+    fn = FORMATS[qt].dequant
 
     def f(b3):
         r, n = b3.shape[:2]
@@ -391,24 +378,15 @@ def _layout(size: int, *parts):
     return out
 
 
-_BITS_Q5 = (list(range(32)), [16 / (1 << s) for _ in range(4) for s in range(8)])  # _bits_spread's 2^s undone
-_CODE_PLANES = {
-    Q.Q4_0: (_cp_q4_0, _layout(18, (2, range(16), 1), (2, range(16, 32), 1))),
-    Q.Q4_1: (_cp_q4_1, _layout(20, (4, range(16), 1), (4, range(16, 32), 1))),
-    Q.Q5_0: (_cp_q5_0, _layout(22, (6, range(16), 1), (6, range(16, 32), 1)) + [_BITS_Q5]),
-    Q.Q5_1: (_cp_q5_1, _layout(24, (8, range(16), 1), (8, range(16, 32), 1)) + [_BITS_Q5]),
-    Q.Q8_0: (_cp_q8_0, _layout(34, (2, range(32), 1))),
-    Q.Q2_K: (_cp_q2_k, [(list(range(256)), 1)]),
-    Q.Q4_K: (_cp_q4_k, [([64 * (t // 32) + 32 * p + t % 32 for t in range(128)], 1) for p in (0, 1)]),
-    Q.Q5_K: (_cp_q5_k, [(list(range(256)), 1)]),
-    Q.Q6_K: (_cp_q6_k, [(list(range(256)), 1)]),
-}
+# Filled from FORMATS at the end of the module; a format without its own planes gets one
+# generic plane (its dequant's codes) on first use.
+_CODE_PLANES: dict = {}
 
 
 def plane_layout(qtype) -> list[tuple[list[int], float | list[float]]]:
     """Per plane of code_planes: (element of the block at each position, -1 for none; factor, or one per position)."""
     qt = check_qtype(qtype)
-    if qt in (Q.F32, Q.F16, Q.BF16):
+    if FORMATS[qt].torch_dtype is not None:
         raise ValueError(f"{qt.name} is a float format: it has no integer codes")
     if qt not in _CODE_PLANES:
         block = GGML_QUANT_SIZES[qt][0]
@@ -443,7 +421,7 @@ def dequantize_raw(raw: torch.Tensor, qtype, cols: int, dtype: torch.dtype = tor
     block, size = GGML_QUANT_SIZES[qt]
     blocks = raw.reshape(-1, size)
     out = torch.empty(rows * cols, dtype=dtype, device=raw.device).view(-1, block)
-    fn = _DEQUANT[qt]
+    fn = FORMATS[qt].dequant
     step = max(1, _CHUNK_VALUES // block) if raw.device.type == "cpu" else blocks.shape[0] or 1
     for i in range(0, blocks.shape[0], step):
         scale, q, offset = fn(blocks[i : i + step])
@@ -673,28 +651,6 @@ class UnsupportedQuantization(ValueError, NotImplementedError):
     """quantize() has no quantizer for this type (a ValueError; also a NotImplementedError, like gguf-py's)."""
 
 
-_QUANT: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
-    Q.F32: _q_float(torch.float32),
-    Q.F16: _q_float(torch.float16),
-    Q.BF16: _q_float(torch.bfloat16),
-    Q.Q8_0: _q_q8_0,
-    Q.Q4_0: _q_q4_0,
-    Q.Q5_0: _q_q5_0,
-    Q.Q4_1: _q_q4_1,
-    Q.Q5_1: _q_q5_1,
-    Q.Q4_K: _q_q4_k,
-    Q.Q5_K: _q_q5_k,
-    Q.Q6_K: _q_q6_k,
-}
-QUANT_TYPES = tuple(_QUANT)
-
-_F16_MAX = 65504.0
-# Largest |w| whose block scales (and Q4_1/Q5_1 mins) still fit in float16, per type (conservative).
-_QUANT_LIMIT = {
-    Q.F16: _F16_MAX, Q.Q8_0: _F16_MAX * 127, Q.Q4_0: _F16_MAX * 8, Q.Q5_0: _F16_MAX * 16,
-    Q.Q4_1: _F16_MAX, Q.Q5_1: _F16_MAX, Q.Q4_K: _F16_MAX * 63, Q.Q5_K: _F16_MAX * 63, Q.Q6_K: _F16_MAX * 128,
-}
-
 # Values per quantization step: the k-quant searches hold ~20 candidates per value.
 _QUANT_CHUNK_VALUES = 1 << 17
 
@@ -711,9 +667,10 @@ def quantize(w: torch.Tensor, qtype) -> torch.Tensor:
     if not w.is_floating_point():
         raise TypeError(f"w must be a float tensor, got {w.dtype}")
     qt = check_qtype(qtype)
-    if qt not in _QUANT:
+    fmt = FORMATS[qt]
+    if fmt.quantize is None:
         raise UnsupportedQuantization(
-            f"quantize does not support {qt.name}; supported: {', '.join(t.name for t in _QUANT)}"
+            f"quantize does not support {qt.name}; supported: {', '.join(t.name for t in QUANT_TYPES)}"
         )
     if w.dim() == 0:
         raise ValueError("w must have at least one dimension")
@@ -722,14 +679,107 @@ def quantize(w: torch.Tensor, qtype) -> torch.Tensor:
     x = w.detach().to(torch.float32).contiguous()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("w contains NaN or infinite values")
-    limit = _QUANT_LIMIT.get(qt)
+    limit = fmt.quant_limit
     if limit is not None and x.numel() and (amax := float(x.abs().max())) > limit:
         raise ValueError(f"w has values up to {amax:g}: {qt.name} keeps its scales in float16, which caps values at {limit:g}")
     block, size = GGML_QUANT_SIZES[qt]
     x = x.view(-1, block)
     out = torch.empty(x.shape[0], size, dtype=torch.uint8, device=x.device)
-    fn = _QUANT[qt]
+    fn = fmt.quantize
     step = max(1, _QUANT_CHUNK_VALUES // block)
     for i in range(0, x.shape[0], step):
         out[i : i + step] = fn(x[i : i + step])
     return out.view(*w.shape[:-1], nb)
+
+
+# ---------------------------------------------------------------------------
+# The registry: one record per GGML type ferrum supports. Everything else is derived from
+# it: the tables above, the op modules' type sets (ferrum_mps.ops), the Metal kernel
+# instantiations (ferrum_mps.kernels generates their type lists) and the tests' type lists.
+#
+# To add a type: its dequant (and, optionally, code planes / quantizer) above, its
+# blk_<type> struct and dequant16 (and mv_<type> traits for "mv"/"moe") in
+# metal_ops/quant_blocks.h, and one record here naming the Metal families it has.
+
+# Metal kernel families a record may list (kernel names: ferrum_mps.kernels.KERNELS).
+METAL_FAMILIES = ("dequant", "get_rows", "mv", "mvb", "mm", "moe")
+_ROWS = frozenset({"dequant", "get_rows", "mvb", "mm"})  # dequant16 is all these need
+_MV = _ROWS | {"mv"}  # + lane-level mat-vec traits (mv_<type>)
+_ALL = _MV | {"moe"}
+
+
+@dataclass(frozen=True)
+class Format:
+    """What ferrum knows about one GGML type."""
+
+    qtype: GGMLQuantizationType
+    dequant: Callable  # blocks uint8 [n, type_size] -> (scale, q, offset), see the dequant section
+    planes: tuple | None = None  # (code_planes fn, plane layout); None: one generic plane
+    quantize: Callable | None = None  # float32 [n, block] -> uint8 [n, type_size]
+    quant_limit: float | None = None  # largest |w| whose fp16 block scales still fit
+    f16_fields: tuple[int, ...] = ()  # byte offsets of the block's fp16 scales / mins
+    metal: frozenset = frozenset()  # Metal kernel families instantiated for it
+    torch_dtype: torch.dtype | None = None  # F32 / F16 / BF16: the element type
+
+    @property
+    def block(self) -> int:
+        return GGML_QUANT_SIZES[self.qtype][0]
+
+    @property
+    def type_size(self) -> int:
+        return GGML_QUANT_SIZES[self.qtype][1]
+
+    @property
+    def metal_name(self) -> str:
+        """The type as it appears in kernel names: q4_k, iq4_nl, f16."""
+        return self.qtype.name.lower()
+
+    @property
+    def metal_type(self) -> str:
+        """The suffix of its Metal structs blk_<t> / mv_<t>: q4_K, iq4_nl, f16."""
+        n = self.qtype.name.lower()
+        return n[:-1] + "K" if n.endswith("_k") else n
+
+
+_F16_MAX = 65504.0
+_BITS_Q5 = (list(range(32)), [16 / (1 << s) for _ in range(4) for s in range(8)])  # _bits_spread's 2^s undone
+
+FORMATS: dict[GGMLQuantizationType, Format] = {f.qtype: f for f in (
+    Format(Q.F32, _deq_float(torch.float32), quantize=_q_float(torch.float32), torch_dtype=torch.float32),
+    Format(Q.F16, _deq_float(torch.float16), quantize=_q_float(torch.float16), quant_limit=_F16_MAX,
+           metal=frozenset({"dequant", "get_rows"}), torch_dtype=torch.float16),
+    Format(Q.BF16, _deq_float(torch.bfloat16), quantize=_q_float(torch.bfloat16),
+           metal=frozenset({"dequant", "get_rows"}), torch_dtype=torch.bfloat16),
+    Format(Q.Q4_0, _deq_q4_0, (_cp_q4_0, _layout(18, (2, range(16), 1), (2, range(16, 32), 1))),
+           _q_q4_0, _F16_MAX * 8, (0,), _ALL),
+    Format(Q.Q4_1, _deq_q4_1, (_cp_q4_1, _layout(20, (4, range(16), 1), (4, range(16, 32), 1))),
+           _q_q4_1, _F16_MAX, (0, 2), _MV),
+    Format(Q.Q5_0, _deq_q5_0, (_cp_q5_0, _layout(22, (6, range(16), 1), (6, range(16, 32), 1)) + [_BITS_Q5]),
+           _q_q5_0, _F16_MAX * 16, (0,), _ALL),
+    Format(Q.Q5_1, _deq_q5_1, (_cp_q5_1, _layout(24, (8, range(16), 1), (8, range(16, 32), 1)) + [_BITS_Q5]),
+           _q_q5_1, _F16_MAX, (0, 2), _MV),
+    Format(Q.Q8_0, _deq_q8_0, (_cp_q8_0, _layout(34, (2, range(32), 1))), _q_q8_0, _F16_MAX * 127, (0,), _ALL),
+    Format(Q.Q2_K, _deq_q2_k, (_cp_q2_k, [(list(range(256)), 1)]), f16_fields=(80, 82), metal=_MV),
+    Format(Q.Q3_K, _deq_q3_k, f16_fields=(108,), metal=_MV),
+    Format(Q.Q4_K, _deq_q4_k, (_cp_q4_k, [([64 * (t // 32) + 32 * p + t % 32 for t in range(128)], 1) for p in (0, 1)]),
+           _q_q4_k, _F16_MAX * 63, (0, 2), _ALL),
+    Format(Q.Q5_K, _deq_q5_k, (_cp_q5_k, [(list(range(256)), 1)]), _q_q5_k, _F16_MAX * 63, (0, 2), _ALL),
+    Format(Q.Q6_K, _deq_q6_k, (_cp_q6_k, [(list(range(256)), 1)]), _q_q6_k, _F16_MAX * 128, (208,), _ALL),
+    Format(Q.IQ4_NL, _deq_iq4_nl, f16_fields=(0,), metal=_ROWS),
+    Format(Q.IQ4_XS, _deq_iq4_xs, f16_fields=(0,), metal=_ROWS),
+)}
+
+DEQUANT_TYPES = tuple(FORMATS)
+QUANT_TYPES = tuple(q for q, f in FORMATS.items() if f.quantize is not None)
+FLOAT_QTYPES = {q: f.torch_dtype for q, f in FORMATS.items() if f.torch_dtype is not None}
+_CODE_PLANES.update({q: f.planes for q, f in FORMATS.items() if f.planes is not None})
+
+
+def metal_types(family: str) -> tuple[GGMLQuantizationType, ...]:
+    """The types with Metal kernels of `family` (one of METAL_FAMILIES), in registry order."""
+    if family not in METAL_FAMILIES:
+        raise ValueError(f"unknown Metal kernel family {family!r}; families: {', '.join(METAL_FAMILIES)}")
+    return tuple(q for q, f in FORMATS.items() if family in f.metal)
+
+
+assert all(f.type_size % 2 == 0 for f in FORMATS.values() if f.metal)  # Metal reads blocks with 16-bit loads

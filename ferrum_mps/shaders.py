@@ -23,6 +23,9 @@ _lock = threading.Lock()
 _compiler: ShaderCompiler | None = None
 _libraries: dict[str, Any] = {}
 _kernels: dict[tuple[str, str], Any] = {}
+# Launch plans of the op modules (kernel handles + grids, keyed by what they were validated
+# for): they hold kernels of the current compiler, so they are dropped with them.
+plans: dict[Any, Any] = {}
 
 
 def _default_compiler(source: str) -> Any:
@@ -52,6 +55,7 @@ def set_shader_compiler(fn: ShaderCompiler | None) -> None:
         _compiler = fn
         _libraries.clear()
         _kernels.clear()
+        plans.clear()
 
 
 @contextlib.contextmanager
@@ -66,10 +70,12 @@ def use_shader_compiler(fn: ShaderCompiler) -> Iterator[None]:
 
 
 def metal_source(file: str) -> str:
-    """The shared headers followed by `file`, all read from the installed metal_ops."""
+    """The generated prelude (ferrum_mps.kernels: launch geometry, type lists), the shared headers, then `file`."""
+    from .kernels import prelude
+
     root = resources.files("ferrum_mps.metal_ops")
     names = [h for h in _HEADERS if root.joinpath(h).is_file() and h != file] + [file]
-    return "\n".join(root.joinpath(n).read_text(encoding="ascii") for n in names)
+    return "\n".join([prelude()] + [root.joinpath(n).read_text(encoding="ascii") for n in names])
 
 
 def library(file: str) -> Any:

@@ -13,16 +13,19 @@
 // Built on qmatmul.h: qmv_rows (mat-vec of one simdgroup) and qmm_tile (a 64-row x 32-token
 // mat-mat tile with gathered activation rows), both called on one expert's slab.
 
-#define MOE_NSG 2       // simdgroups per mat-vec threadgroup
-#define MOE_NR 2        // weight rows per simdgroup
-#define MOE_TP QMM_M    // pairs per mat-mat tile (32, also in the Python launcher)
+// MOE_NSG (simdgroups per mat-vec threadgroup), MOE_NR (weight rows per simdgroup), QMM_*:
+// launch geometry from the prelude (ferrum_mps.kernels.GEOMETRY), read by the launcher too.
+#define MOE_TP QMM_M    // pairs per mat-mat tile
+#define MOE_ROUTE_PER_LANE (MOE_ROUTE_MAX_E / 32)
 
 inline float moe_silu(float g) { return g / (1.0f + exp(-g)); }
 
 // ---------------------------------------------------------------------------------------------
-// Routing: one simdgroup per token. Each lane keeps up to 8 probabilities (E <= 256) in
-// registers; top-k is k rounds of a simdgroup argmax. Equal values resolve to the lowest expert
-// index, as torch.topk does: strict > within a lane (ascending index), simd_min across lanes.
+// Routing: one simdgroup per token. Each lane keeps up to MOE_ROUTE_PER_LANE probabilities in
+// registers (E <= MOE_ROUTE_MAX_E, from the prelude); top-k is k rounds of a simdgroup argmax.
+// Equal values resolve to the lowest expert index, as torch.topk does: strict > within a lane
+// (ascending index), simd_min across lanes.
+// A token with a NaN or +inf logit, or only -inf ones, gets no expert: ids -1, weights 0.
 
 template <typename T>
 kernel void moe_route(
@@ -36,31 +39,46 @@ kernel void moe_route(
     ushort lane [[thread_index_in_simdgroup]])
 {
     const device T *row = logits + long(tg.y) * E;
-    float v[8];
+    device float *w_out = weights + long(tg.y) * K;
+    device int *id_out = ids + long(tg.y) * K;
+    float v[MOE_ROUTE_PER_LANE];
     float m = -INFINITY;
-    for (short j = 0; j < 8; ++j) {
+    bool undefined = false, any_value = false;  // a NaN / +inf logit; a logit other than -inf
+    for (short j = 0; j < MOE_ROUTE_PER_LANE; ++j) {
         const long e = lane + 32 * j;
         v[j] = e < E ? float(row[e]) : -INFINITY;
+        // Tested on the bits: fast math may fold isnan() away.
+        const uint bits = as_type<uint>(v[j]);
+        undefined = undefined || (e < E && bits != 0xff800000u && (bits & 0x7f800000u) == 0x7f800000u);
+        any_value = any_value || (e < E && bits != 0xff800000u);
         m = max(m, v[j]);
+    }
+    if (simd_any(undefined) || !simd_any(any_value)) {
+        // The softmax is undefined: no expert for this token (id -1, weight 0), as the CPU op.
+        if (lane == 0) {
+            for (long r = 0; r < K; ++r) {
+                w_out[r] = 0.0f;
+                id_out[r] = -1;
+            }
+        }
+        return;
     }
     m = simd_max(m);
     float s = 0.0f;
-    for (short j = 0; j < 8; ++j) {
+    for (short j = 0; j < MOE_ROUTE_PER_LANE; ++j) {
         v[j] = (lane + 32 * j < E) ? exp(v[j] - m) : 0.0f;
         s += v[j];
     }
     s = simd_sum(s);
-    for (short j = 0; j < 8; ++j) {
+    for (short j = 0; j < MOE_ROUTE_PER_LANE; ++j) {
         // Taken and padding slots sit below every probability (probabilities are >= 0).
         v[j] = (lane + 32 * j < E) ? v[j] / s : -1.0f;
     }
-    device float *w_out = weights + long(tg.y) * K;
-    device int *id_out = ids + long(tg.y) * K;
     float total = 0.0f;
     for (long r = 0; r < K; ++r) {
         float best = -2.0f;
         int bi = 0x7fffffff;
-        for (short j = 0; j < 8; ++j) {
+        for (short j = 0; j < MOE_ROUTE_PER_LANE; ++j) {
             if (v[j] > best) {
                 best = v[j];
                 bi = lane + 32 * j;
@@ -384,7 +402,7 @@ kernel void moe_reduce(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Instantiations: the quant types with mat-vec traits x activations float / half (/ bfloat).
+// Instantiations: the registry's "moe" types (FERRUM_TYPES_moe, from the prelude) x activation dtypes.
 // Fused gate+up kernels exist for gate type == up type (what llama.cpp writes); the launcher
 // falls back to two moe_mv / moe_mm launches otherwise.
 
@@ -405,28 +423,15 @@ kernel void moe_reduce(
         device const uchar *, device const uchar *, device const T *, device const int *, device const int *, \
         device const int *, device float *, constant long &, constant long &, uint3, ushort, ushort);
 
-#if defined(__HAVE_BFLOAT__)
-#define MOE_INST_BF16(MT, QN) MOE_INST_T(MT, QN, bfloat, bf16)
-#else
-#define MOE_INST_BF16(MT, QN)
-#endif
-
 #define MOE_INST(MT, QN)                                                                                       \
-    MOE_INST_T(MT, QN, float, f32)                                                                             \
-    MOE_INST_T(MT, QN, half, f16)                                                                              \
-    MOE_INST_BF16(MT, QN)                                                                                      \
-    template [[host_name("moe_mm_down_" #QN)]] kernel void moe_mm_down<MT>(                                    \
+    FERRUM_DTYPES(MOE_INST_T, mv_##MT, QN)                                                                     \
+    template [[host_name("moe_mm_down_" #QN)]] kernel void moe_mm_down<mv_##MT>(                               \
         device const uchar *, device const float *, device const int *, device const int *,                   \
         device const float *, device float *, constant long &, constant long &, uint3, ushort, ushort);
 
-MOE_INST(mv_q4_0, q4_0)
-MOE_INST(mv_q5_0, q5_0)
-MOE_INST(mv_q8_0, q8_0)
-MOE_INST(mv_q4_K, q4_k)
-MOE_INST(mv_q5_K, q5_k)
-MOE_INST(mv_q6_K, q6_k)
+FERRUM_TYPES_moe(MOE_INST)
 
-#define MOE_INST_SMALL(T, TN)                                                                                  \
+#define MOE_INST_SMALL(a, b, T, TN)                                                                            \
     template [[host_name("moe_route_" #TN)]] kernel void moe_route<T>(                                         \
         device const T *, device float *, device int *, constant long &, constant long &, constant long &,    \
         uint2, ushort);                                                                                        \
@@ -434,8 +439,4 @@ MOE_INST(mv_q6_K, q6_k)
         device const float *, device const int *, device T *, constant long &, constant long &,               \
         constant long &, constant long &, uint);
 
-MOE_INST_SMALL(float, f32)
-MOE_INST_SMALL(half, f16)
-#if defined(__HAVE_BFLOAT__)
-MOE_INST_SMALL(bfloat, bf16)
-#endif
+FERRUM_DTYPES(MOE_INST_SMALL, _, _)

@@ -1,14 +1,11 @@
 // ferrum::qlinear on MPS: y[m, N] = x[m, K] . W[N, K]^T with W as raw GGML rows (quant_blocks.h,
 // qmatmul.h are prepended). One dispatch per call; the host picks the kernel by m:
-//   mv_<type>_<dt>   m = 1       threads [64, ceil(N/4)], group [64, 1]: 2 simdgroups x MV_NR rows
-//   mvb_<type>_<dt>  2 <= m <= 8 threads [64, ceil(N/4)], group [64, 1]: 2 simdgroups x MVB_NR rows
-//   mm_<type>_<dt>   m > 8       threads [128 * ceil(N/64), ceil(m/32)], group [128, 1]
+//   mv_<type>_<dt>   m = 1              threads [32 N_SG, ceil(N / (N_SG MV_NR))], group [32 N_SG, 1]
+//   mvb_<type>_<dt>  2 <= m <= MVB_MMAX threads [32 N_SG, ceil(N / (N_SG MVB_NR))], group [32 N_SG, 1]
+//   mm_<type>_<dt>   m > MVB_MMAX       threads [QMM_THREADS ceil(N/QMM_N), ceil(m/QMM_M)], group [QMM_THREADS, 1]
 // Arguments: raw, x (contiguous [m, K]), out ([m, N], x's dtype), K, N (, m).
 
-#define N_SG 2
-#define MV_NR 2
-#define MVB_NR 2
-#define MVB_MMAX 8
+// N_SG, MV_NR, MVB_NR, MVB_MMAX: launch geometry from the prelude (ferrum_mps.kernels.GEOMETRY).
 
 template <typename M, typename T>
 kernel void k_mv(const device uchar *raw [[buffer(0)]], const device T *x [[buffer(1)]], device T *out [[buffer(2)]],
@@ -58,119 +55,20 @@ kernel void k_mm(const device uchar *raw [[buffer(0)]], const device T *x [[buff
     }
 }
 
-typedef decltype(k_mv<mv_q4_K, float>) k_mv_f32_t;
-typedef decltype(k_mv<mv_q4_K, half>) k_mv_f16_t;
-typedef decltype(k_mvb<blk_q4_K, float>) k_mvb_f32_t;
-typedef decltype(k_mvb<blk_q4_K, half>) k_mvb_f16_t;
-typedef decltype(k_mm<blk_q4_K, float>) k_mm_f32_t;
-typedef decltype(k_mm<blk_q4_K, half>) k_mm_f16_t;
+// Instantiations: one per (type of the family in the registry, activation dtype). The type lists
+// FERRUM_TYPES_<family> and FERRUM_DTYPES come from the prelude (ferrum_mps.kernels.prelude()).
+#define QL_TYPEDEFS(a, b, T, TN)                          \
+    typedef decltype(k_mv<mv_q4_K, T>) k_mv_##TN##_t;      \
+    typedef decltype(k_mvb<blk_q4_K, T>) k_mvb_##TN##_t;   \
+    typedef decltype(k_mm<blk_q4_K, T>) k_mm_##TN##_t;
+FERRUM_DTYPES(QL_TYPEDEFS, _, _)
 
-// Explicit instantiations, one literal host name each (kernels are looked up by name).
-template [[host_name("mv_q4_0_f32")]] kernel k_mv_f32_t k_mv<mv_q4_0, float>;
-template [[host_name("mv_q5_0_f32")]] kernel k_mv_f32_t k_mv<mv_q5_0, float>;
-template [[host_name("mv_q4_1_f32")]] kernel k_mv_f32_t k_mv<mv_q4_1, float>;
-template [[host_name("mv_q5_1_f32")]] kernel k_mv_f32_t k_mv<mv_q5_1, float>;
-template [[host_name("mv_q2_k_f32")]] kernel k_mv_f32_t k_mv<mv_q2_K, float>;
-template [[host_name("mv_q3_k_f32")]] kernel k_mv_f32_t k_mv<mv_q3_K, float>;
-template [[host_name("mv_q8_0_f32")]] kernel k_mv_f32_t k_mv<mv_q8_0, float>;
-template [[host_name("mv_q4_k_f32")]] kernel k_mv_f32_t k_mv<mv_q4_K, float>;
-template [[host_name("mv_q5_k_f32")]] kernel k_mv_f32_t k_mv<mv_q5_K, float>;
-template [[host_name("mv_q6_k_f32")]] kernel k_mv_f32_t k_mv<mv_q6_K, float>;
-template [[host_name("mvb_q4_0_f32")]] kernel k_mvb_f32_t k_mvb<blk_q4_0, float>;
-template [[host_name("mvb_q4_1_f32")]] kernel k_mvb_f32_t k_mvb<blk_q4_1, float>;
-template [[host_name("mvb_q5_0_f32")]] kernel k_mvb_f32_t k_mvb<blk_q5_0, float>;
-template [[host_name("mvb_q5_1_f32")]] kernel k_mvb_f32_t k_mvb<blk_q5_1, float>;
-template [[host_name("mvb_q8_0_f32")]] kernel k_mvb_f32_t k_mvb<blk_q8_0, float>;
-template [[host_name("mvb_q2_k_f32")]] kernel k_mvb_f32_t k_mvb<blk_q2_K, float>;
-template [[host_name("mvb_q3_k_f32")]] kernel k_mvb_f32_t k_mvb<blk_q3_K, float>;
-template [[host_name("mvb_q4_k_f32")]] kernel k_mvb_f32_t k_mvb<blk_q4_K, float>;
-template [[host_name("mvb_q5_k_f32")]] kernel k_mvb_f32_t k_mvb<blk_q5_K, float>;
-template [[host_name("mvb_q6_k_f32")]] kernel k_mvb_f32_t k_mvb<blk_q6_K, float>;
-template [[host_name("mvb_iq4_nl_f32")]] kernel k_mvb_f32_t k_mvb<blk_iq4_nl, float>;
-template [[host_name("mvb_iq4_xs_f32")]] kernel k_mvb_f32_t k_mvb<blk_iq4_xs, float>;
-template [[host_name("mm_q4_0_f32")]] kernel k_mm_f32_t k_mm<blk_q4_0, float>;
-template [[host_name("mm_q4_1_f32")]] kernel k_mm_f32_t k_mm<blk_q4_1, float>;
-template [[host_name("mm_q5_0_f32")]] kernel k_mm_f32_t k_mm<blk_q5_0, float>;
-template [[host_name("mm_q5_1_f32")]] kernel k_mm_f32_t k_mm<blk_q5_1, float>;
-template [[host_name("mm_q8_0_f32")]] kernel k_mm_f32_t k_mm<blk_q8_0, float>;
-template [[host_name("mm_q2_k_f32")]] kernel k_mm_f32_t k_mm<blk_q2_K, float>;
-template [[host_name("mm_q3_k_f32")]] kernel k_mm_f32_t k_mm<blk_q3_K, float>;
-template [[host_name("mm_q4_k_f32")]] kernel k_mm_f32_t k_mm<blk_q4_K, float>;
-template [[host_name("mm_q5_k_f32")]] kernel k_mm_f32_t k_mm<blk_q5_K, float>;
-template [[host_name("mm_q6_k_f32")]] kernel k_mm_f32_t k_mm<blk_q6_K, float>;
-template [[host_name("mm_iq4_nl_f32")]] kernel k_mm_f32_t k_mm<blk_iq4_nl, float>;
-template [[host_name("mm_iq4_xs_f32")]] kernel k_mm_f32_t k_mm<blk_iq4_xs, float>;
-template [[host_name("mv_q4_0_f16")]] kernel k_mv_f16_t k_mv<mv_q4_0, half>;
-template [[host_name("mv_q5_0_f16")]] kernel k_mv_f16_t k_mv<mv_q5_0, half>;
-template [[host_name("mv_q4_1_f16")]] kernel k_mv_f16_t k_mv<mv_q4_1, half>;
-template [[host_name("mv_q5_1_f16")]] kernel k_mv_f16_t k_mv<mv_q5_1, half>;
-template [[host_name("mv_q2_k_f16")]] kernel k_mv_f16_t k_mv<mv_q2_K, half>;
-template [[host_name("mv_q3_k_f16")]] kernel k_mv_f16_t k_mv<mv_q3_K, half>;
-template [[host_name("mv_q8_0_f16")]] kernel k_mv_f16_t k_mv<mv_q8_0, half>;
-template [[host_name("mv_q4_k_f16")]] kernel k_mv_f16_t k_mv<mv_q4_K, half>;
-template [[host_name("mv_q5_k_f16")]] kernel k_mv_f16_t k_mv<mv_q5_K, half>;
-template [[host_name("mv_q6_k_f16")]] kernel k_mv_f16_t k_mv<mv_q6_K, half>;
-template [[host_name("mvb_q4_0_f16")]] kernel k_mvb_f16_t k_mvb<blk_q4_0, half>;
-template [[host_name("mvb_q4_1_f16")]] kernel k_mvb_f16_t k_mvb<blk_q4_1, half>;
-template [[host_name("mvb_q5_0_f16")]] kernel k_mvb_f16_t k_mvb<blk_q5_0, half>;
-template [[host_name("mvb_q5_1_f16")]] kernel k_mvb_f16_t k_mvb<blk_q5_1, half>;
-template [[host_name("mvb_q8_0_f16")]] kernel k_mvb_f16_t k_mvb<blk_q8_0, half>;
-template [[host_name("mvb_q2_k_f16")]] kernel k_mvb_f16_t k_mvb<blk_q2_K, half>;
-template [[host_name("mvb_q3_k_f16")]] kernel k_mvb_f16_t k_mvb<blk_q3_K, half>;
-template [[host_name("mvb_q4_k_f16")]] kernel k_mvb_f16_t k_mvb<blk_q4_K, half>;
-template [[host_name("mvb_q5_k_f16")]] kernel k_mvb_f16_t k_mvb<blk_q5_K, half>;
-template [[host_name("mvb_q6_k_f16")]] kernel k_mvb_f16_t k_mvb<blk_q6_K, half>;
-template [[host_name("mvb_iq4_nl_f16")]] kernel k_mvb_f16_t k_mvb<blk_iq4_nl, half>;
-template [[host_name("mvb_iq4_xs_f16")]] kernel k_mvb_f16_t k_mvb<blk_iq4_xs, half>;
-template [[host_name("mm_q4_0_f16")]] kernel k_mm_f16_t k_mm<blk_q4_0, half>;
-template [[host_name("mm_q4_1_f16")]] kernel k_mm_f16_t k_mm<blk_q4_1, half>;
-template [[host_name("mm_q5_0_f16")]] kernel k_mm_f16_t k_mm<blk_q5_0, half>;
-template [[host_name("mm_q5_1_f16")]] kernel k_mm_f16_t k_mm<blk_q5_1, half>;
-template [[host_name("mm_q8_0_f16")]] kernel k_mm_f16_t k_mm<blk_q8_0, half>;
-template [[host_name("mm_q2_k_f16")]] kernel k_mm_f16_t k_mm<blk_q2_K, half>;
-template [[host_name("mm_q3_k_f16")]] kernel k_mm_f16_t k_mm<blk_q3_K, half>;
-template [[host_name("mm_q4_k_f16")]] kernel k_mm_f16_t k_mm<blk_q4_K, half>;
-template [[host_name("mm_q5_k_f16")]] kernel k_mm_f16_t k_mm<blk_q5_K, half>;
-template [[host_name("mm_q6_k_f16")]] kernel k_mm_f16_t k_mm<blk_q6_K, half>;
-template [[host_name("mm_iq4_nl_f16")]] kernel k_mm_f16_t k_mm<blk_iq4_nl, half>;
-template [[host_name("mm_iq4_xs_f16")]] kernel k_mm_f16_t k_mm<blk_iq4_xs, half>;
-
-#if defined(__HAVE_BFLOAT__)
-typedef decltype(k_mv<mv_q4_K, bfloat>) k_mv_bf16_t;
-typedef decltype(k_mvb<blk_q4_K, bfloat>) k_mvb_bf16_t;
-typedef decltype(k_mm<blk_q4_K, bfloat>) k_mm_bf16_t;
-template [[host_name("mv_q4_0_bf16")]] kernel k_mv_bf16_t k_mv<mv_q4_0, bfloat>;
-template [[host_name("mv_q5_0_bf16")]] kernel k_mv_bf16_t k_mv<mv_q5_0, bfloat>;
-template [[host_name("mv_q4_1_bf16")]] kernel k_mv_bf16_t k_mv<mv_q4_1, bfloat>;
-template [[host_name("mv_q5_1_bf16")]] kernel k_mv_bf16_t k_mv<mv_q5_1, bfloat>;
-template [[host_name("mv_q2_k_bf16")]] kernel k_mv_bf16_t k_mv<mv_q2_K, bfloat>;
-template [[host_name("mv_q3_k_bf16")]] kernel k_mv_bf16_t k_mv<mv_q3_K, bfloat>;
-template [[host_name("mv_q8_0_bf16")]] kernel k_mv_bf16_t k_mv<mv_q8_0, bfloat>;
-template [[host_name("mv_q4_k_bf16")]] kernel k_mv_bf16_t k_mv<mv_q4_K, bfloat>;
-template [[host_name("mv_q5_k_bf16")]] kernel k_mv_bf16_t k_mv<mv_q5_K, bfloat>;
-template [[host_name("mv_q6_k_bf16")]] kernel k_mv_bf16_t k_mv<mv_q6_K, bfloat>;
-template [[host_name("mvb_q4_0_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q4_0, bfloat>;
-template [[host_name("mvb_q4_1_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q4_1, bfloat>;
-template [[host_name("mvb_q5_0_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q5_0, bfloat>;
-template [[host_name("mvb_q5_1_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q5_1, bfloat>;
-template [[host_name("mvb_q8_0_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q8_0, bfloat>;
-template [[host_name("mvb_q2_k_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q2_K, bfloat>;
-template [[host_name("mvb_q3_k_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q3_K, bfloat>;
-template [[host_name("mvb_q4_k_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q4_K, bfloat>;
-template [[host_name("mvb_q5_k_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q5_K, bfloat>;
-template [[host_name("mvb_q6_k_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_q6_K, bfloat>;
-template [[host_name("mvb_iq4_nl_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_iq4_nl, bfloat>;
-template [[host_name("mvb_iq4_xs_bf16")]] kernel k_mvb_bf16_t k_mvb<blk_iq4_xs, bfloat>;
-template [[host_name("mm_q4_0_bf16")]] kernel k_mm_bf16_t k_mm<blk_q4_0, bfloat>;
-template [[host_name("mm_q4_1_bf16")]] kernel k_mm_bf16_t k_mm<blk_q4_1, bfloat>;
-template [[host_name("mm_q5_0_bf16")]] kernel k_mm_bf16_t k_mm<blk_q5_0, bfloat>;
-template [[host_name("mm_q5_1_bf16")]] kernel k_mm_bf16_t k_mm<blk_q5_1, bfloat>;
-template [[host_name("mm_q8_0_bf16")]] kernel k_mm_bf16_t k_mm<blk_q8_0, bfloat>;
-template [[host_name("mm_q2_k_bf16")]] kernel k_mm_bf16_t k_mm<blk_q2_K, bfloat>;
-template [[host_name("mm_q3_k_bf16")]] kernel k_mm_bf16_t k_mm<blk_q3_K, bfloat>;
-template [[host_name("mm_q4_k_bf16")]] kernel k_mm_bf16_t k_mm<blk_q4_K, bfloat>;
-template [[host_name("mm_q5_k_bf16")]] kernel k_mm_bf16_t k_mm<blk_q5_K, bfloat>;
-template [[host_name("mm_q6_k_bf16")]] kernel k_mm_bf16_t k_mm<blk_q6_K, bfloat>;
-template [[host_name("mm_iq4_nl_bf16")]] kernel k_mm_bf16_t k_mm<blk_iq4_nl, bfloat>;
-template [[host_name("mm_iq4_xs_bf16")]] kernel k_mm_bf16_t k_mm<blk_iq4_xs, bfloat>;
-#endif
+#define QL_MV(CT, QN, T, TN) template [[host_name("mv_" #QN "_" #TN)]] kernel k_mv_##TN##_t k_mv<mv_##CT, T>;
+#define QL_MVB(CT, QN, T, TN) template [[host_name("mvb_" #QN "_" #TN)]] kernel k_mvb_##TN##_t k_mvb<blk_##CT, T>;
+#define QL_MM(CT, QN, T, TN) template [[host_name("mm_" #QN "_" #TN)]] kernel k_mm_##TN##_t k_mm<blk_##CT, T>;
+#define QL_MV_ALL(CT, QN) FERRUM_DTYPES(QL_MV, CT, QN)
+#define QL_MVB_ALL(CT, QN) FERRUM_DTYPES(QL_MVB, CT, QN)
+#define QL_MM_ALL(CT, QN) FERRUM_DTYPES(QL_MM, CT, QN)
+FERRUM_TYPES_mv(QL_MV_ALL)
+FERRUM_TYPES_mvb(QL_MVB_ALL)
+FERRUM_TYPES_mm(QL_MM_ALL)

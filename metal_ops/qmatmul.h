@@ -20,10 +20,7 @@
 //       activations staged as float, products by simdgroup_float8x8. Result left in
 //       shmem[t * QMM_N + r] (float), after a threadgroup barrier. shmem: QMM_SHMEM floats (12 KB).
 
-#define QMM_N 64
-#define QMM_M 32
-#define QMM_K 32
-#define QMM_THREADS 128
+// QMM_N, QMM_M, QMM_K, QMM_THREADS: from the prelude (ferrum_mps.kernels.GEOMETRY).
 #define QMM_SHMEM (QMM_N * QMM_K + QMM_M * QMM_K)
 
 template <typename M, typename T, short NR>

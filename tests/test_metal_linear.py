@@ -11,11 +11,13 @@ import torch
 import ferrum_mps.metal as metal
 import ferrum_mps.ops  # noqa: F401
 from ferrum_mps import shaders
+from ferrum_mps.quants import metal_types
 from test_ops_linear import gguf_dequant, random_raw
 
 Q = gguf.GGMLQuantizationType
-MV_QTYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]  # dedicated m = 1 kernels
-QTYPES = MV_QTYPES + [Q.IQ4_NL, Q.IQ4_XS]  # IQ4 at m = 1 runs the small-batch kernel
+# From the format registry: every type with Metal kernels is tested, whatever it is.
+MV_QTYPES = list(metal_types("mv"))  # dedicated m = 1 kernels
+QTYPES = list(metal_types("mm"))  # the others (IQ4) at m = 1 run the small-batch kernel
 M_BUCKETS = [1, 2, 3, 5, 8, 9, 31, 64, 67]
 N = 70  # neither a multiple of the 4-row mat-vec groups nor of the 64-row mat-mat tile
 
@@ -191,6 +193,29 @@ def test_qembedding_out_of_range_ids_give_zero_rows(metal_device):
     out = metal.qembedding(torch.tensor([3, 4, -1], dtype=torch.int32).to(metal_device), raw.to(metal_device), int(Q.Q4_K), 256)
     torch.testing.assert_close(out[0].cpu(), gguf_dequant(raw, Q.Q4_K, 4, 256)[3], rtol=0, atol=0)
     assert torch.count_nonzero(out[1:].cpu()) == 0
+
+
+@pytest.mark.parametrize("qt", [Q.Q4_K, Q.F32, Q.F16], ids=lambda q: q.name)
+def test_qembedding_int64_ids_outside_int32_are_not_truncated(metal_device, qt):
+    """2**32 + 1 must not become row 1 when narrowed to int32: any id outside [0, rows) is a zero row on MPS
+    (the CPU op rejects it: checking costs nothing there)."""
+    raw = random_raw(qt, 4, 256)
+    ids = torch.tensor([2**32 + 1, 2, -(2**32) + 3, 4, -1], dtype=torch.int64)
+    out = metal.qembedding(ids.to(metal_device), raw.to(metal_device), int(qt), 256).cpu()
+    torch.testing.assert_close(out[1], gguf_dequant(raw, qt, 4, 256)[2], rtol=0, atol=0)
+    assert torch.count_nonzero(out[[0, 2, 3, 4]]) == 0
+    with pytest.raises(ValueError, match="out of range"):
+        torch.ops.ferrum.qembedding(ids, raw, int(qt), 256)
+
+
+def test_qembedding_empty_table_and_ids(metal_device):
+    raw = torch.empty(0, dtype=torch.uint8)
+    for ids in (torch.empty(0, dtype=torch.int64), torch.empty(2, 0, dtype=torch.int32)):
+        for out in (torch.ops.ferrum.qembedding(ids, raw, int(Q.Q4_K), 256),
+                    metal.qembedding(ids.to(metal_device), raw.to(metal_device), int(Q.Q4_K), 256)):
+            assert out.shape == (*ids.shape, 256) and out.dtype == torch.float32
+    with pytest.raises(ValueError, match="out of range"):
+        torch.ops.ferrum.qembedding(torch.tensor([0]), raw, int(Q.Q4_K), 256)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import contextlib
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from test_ops_moe import rand_ids, rand_stack
+from test_ops_moe import mix_stacks, rand_ids, rand_stack
 
 import ferrum_mps.metal as metal
 import ferrum_mps.ops.moe as moe_ops
@@ -73,6 +73,27 @@ def test_route_half(metal_device, dtype):
     torch.testing.assert_close(w.cpu(), ops.moe_route(logits, 8, True)[0], rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_route_nan_and_infinite_rows_select_no_expert(metal_device, normalize):
+    """A token whose softmax is undefined (a NaN or +inf logit, or every logit -inf) gets id -1 and
+    weight 0 in every slot ("no expert"), on the CPU and from the Metal kernel alike; other rows
+    route as usual (a -inf logit is just an expert nobody picks)."""
+    E, k = 40, 3
+    logits = torch.randn(6, E, generator=torch.Generator().manual_seed(1))
+    logits[1, 7] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, 0] = float("inf")
+    logits[4, 5:] = float("-inf")  # fine: experts 0-4 are left
+    bad = torch.tensor([False, True, True, True, False, False])
+    for w, ids in (ops.moe_route(logits, k, normalize), metal.moe_route(logits.to(metal_device), k, normalize)):
+        w, ids = w.cpu(), ids.cpu()
+        assert torch.equal(ids[bad], torch.full((3, k), -1, dtype=torch.int32))
+        assert torch.equal(w[bad], torch.zeros(3, k))
+        rw, rids = lowest_index_topk(logits[~bad], k, normalize)
+        assert torch.equal(ids[~bad], rids)
+        torch.testing.assert_close(w[~bad], rw, rtol=2e-6, atol=1e-7)
+
+
 def test_route_bad_input(metal_device):
     with pytest.raises(ValueError, match="256 experts"):
         metal.moe_route(torch.randn(2, 257, device=metal_device), 2, True)
@@ -112,6 +133,28 @@ def test_qlinear_skips_bad_ids_and_takes_int64(metal_device, T):
     assert not y[0, 1].any() and not y[-1, 0].any()
 
 
+@pytest.mark.parametrize("T", [3, 40])
+def test_int64_ids_outside_int32_are_no_expert_not_truncated(metal_device, stacks, T):
+    """2**32 + 1 must not become expert 1 when the launcher narrows ids to int32 (mv and mm paths);
+    -1 is "no expert" on the CPU too, other out-of-range ids are rejected there (a free check)."""
+    raws, qs, H, inter = stacks("q8_0", 8)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
+    w, ids = ops.moe_route(torch.randn(T, 8, generator=torch.Generator().manual_seed(5)), 2, True)
+    bad, w0 = ids.long(), w.clone()
+    bad[0, 0], bad[T - 1, 1], bad[1, 1] = 2**32 + 1, -(2**32) + 3, -1
+    w0[0, 0] = w0[T - 1, 1] = w0[1, 1] = 0
+    ref = ops.moe_ffn(x, w0, ids, *raws, *qs, inter)
+    close(run_ffn(metal_device, x, w, bad, raws, qs, inter), ref, 2e-6)
+    y = metal.moe_qlinear(x.to(metal_device), bad.to(metal_device), raws[0].to(metal_device), qs[0], inter, H).cpu()
+    assert not y[0, 0].any() and not y[T - 1, 1].any() and not y[1, 1].any()
+    close(y[2:T - 1], ops.moe_qlinear(x, ids, raws[0], qs[0], inter, H)[2:T - 1], 2e-6)
+    none = ids.long()
+    none[1, 1] = -1
+    close(ops.moe_ffn(x, w0, none, *raws, *qs, inter), ref, 1e-6)
+    with pytest.raises(ValueError, match="expert ids must be in"):
+        ops.moe_ffn(x, w, bad, *raws, *qs, inter)
+
+
 def test_qlinear_half_activations(metal_device):
     raw, ids = rand_stack(8, 16, 256, Q.Q4_K), rand_ids(3, 2, 8)
     x = torch.randn(3, 256).to(torch.float16)
@@ -137,9 +180,8 @@ def stacks():
 
     def get(mix, E):
         if (mix, E) not in cache:
-            (qg, qu, qd), H, inter = MIXES[mix]
-            raws = (rand_stack(E, inter, H, qg, 1), rand_stack(E, inter, H, qu, 2), rand_stack(E, H, inter, qd, 3))
-            cache[mix, E] = raws, (int(qg), int(qu), int(qd)), H, inter
+            raws, qs, H, inter = mix_stacks(MIXES[mix], E)
+            cache[mix, E] = raws, tuple(map(int, qs)), H, inter
         return cache[mix, E]
 
     return get

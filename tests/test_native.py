@@ -131,6 +131,20 @@ def test_moe_native_vs_float_reference(experts, T):
     torch.library.opcheck(torch.ops.ferrum.moe_ffn.default, args)
 
 
+def test_moe_native_no_expert_pairs_contribute_nothing(experts):
+    E, H, inter, gate, up, down = experts
+    x = torch.randn(2, H)
+    ids = torch.tensor([[1, -1], [-1, -1]], dtype=torch.int32)  # -1: moe_route's NO_EXPERT
+    w = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    y = torch.ops.ferrum.moe_qlinear(x, ids, gate, int(Q.Q4_K), inter, H)
+    f = torch.ops.ferrum.moe_ffn(x, w, ids, gate, up, down, int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), inter)
+    with native.disabled():
+        f_ref = torch.ops.ferrum.moe_ffn(x, w, ids, gate, up, down, int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), inter)
+    assert torch.equal(y[0, 1], torch.zeros(inter)) and torch.equal(y[1], torch.zeros(2, inter))
+    assert _rel(y[0, 0], x[0] @ _gguf_weight(gate[1].reshape(-1), Q.Q4_K, inter, H).T) <= REL_TOL
+    assert torch.equal(f[1], torch.zeros(H)) and _rel(f, f_ref) <= REL_TOL
+
+
 def test_moe_native_bad_ids_still_raise(experts):
     E, H, inter, gate, _, _ = experts
     with pytest.raises(ValueError, match="expert ids"):

@@ -25,7 +25,8 @@ def deq(raw, qtype, cols):
 
 
 def hf_block(E, k, H, inter, seed=0):
-    cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=inter, num_experts=E, num_experts_per_tok=k, norm_topk_prob=True)
+    cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=inter, num_experts=E, num_experts_per_tok=k, norm_topk_prob=True,
+                         experts_implementation="eager")  # standalone block: transformers 5.0 has no default
     block = Qwen3MoeSparseMoeBlock(cfg).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -127,21 +128,27 @@ def test_fused_moe_batched_shape_and_bfloat16(pair):
     assert ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item() < 3e-2
 
 
+def write_layer(path, prefix, fm, router, router_dtype=None, **u32):
+    """A GGUF file holding one MoE layer: the router array (raw_dtype router_dtype) and fm's expert stacks."""
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    for key, value in u32.items():
+        w.add_uint32(key.replace("__", "."), value)
+    w.add_tensor(f"{prefix}.ffn_gate_inp.weight", router, raw_dtype=router_dtype)
+    for name, raw, q in (("gate", fm.gate_raw, fm.gate_qtype), ("up", fm.up_raw, fm.up_qtype), ("down", fm.down_raw, fm.down_qtype)):
+        w.add_tensor(f"{prefix}.ffn_{name}_exps.weight", raw.numpy(), raw_dtype=Q(q))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def test_from_gguf_reads_a_layer(tmp_path, pair):
     from ferrum_mps.gguf_file import read_gguf
 
     block, fm = pair("q4k_q6k", 8)
     set_top_k(block, fm, 2)
     path = tmp_path / "moe.gguf"
-    w = gguf.GGUFWriter(str(path), "qwen3moe")
-    w.add_uint32("qwen3moe.expert_used_count", 2)
-    w.add_tensor("blk.3.ffn_gate_inp.weight", block.gate.weight.detach().numpy())
-    for name, raw, q in (("gate", fm.gate_raw, fm.gate_qtype), ("up", fm.up_raw, fm.up_qtype), ("down", fm.down_raw, fm.down_qtype)):
-        w.add_tensor(f"blk.3.ffn_{name}_exps.weight", raw.numpy(), raw_dtype=Q(q))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_layer(path, "blk.3", fm, block.gate.weight.detach().numpy(), qwen3moe__expert_used_count=2)
     f = read_gguf(path)
     loaded = FusedMoE.from_gguf(f.tensors, "blk.3", top_k=f.metadata["qwen3moe.expert_used_count"])
     assert (loaded.gate_qtype, loaded.up_qtype, loaded.down_qtype) == (int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K))
@@ -150,6 +157,25 @@ def test_from_gguf_reads_a_layer(tmp_path, pair):
         torch.testing.assert_close(loaded(x), block(x), rtol=1e-4, atol=1e-5)
     with pytest.raises(KeyError, match="blk.4.ffn_gate_inp.weight"):
         FusedMoE.from_gguf(f.tensors, "blk.4", top_k=2)
+
+
+def test_from_gguf_quantized_router(tmp_path, pair):
+    """A Q8_0 ffn_gate_inp (any non-float router) becomes a QuantLinear that routes like its dequantized weight."""
+    from ferrum_mps.gguf_file import read_gguf
+    from ferrum_mps.nn.linear import QuantLinear
+
+    block, fm = pair("q8_0", 8)
+    set_top_k(block, fm, 2)
+    router_q = gguf.quants.quantize(block.gate.weight.detach().numpy(), Q.Q8_0)
+    path = tmp_path / "moe_q8_router.gguf"
+    write_layer(path, "blk.0", fm, router_q, Q.Q8_0)
+    loaded = FusedMoE.from_gguf(read_gguf(path).tensors, "blk.0", top_k=2)
+    assert isinstance(loaded.gate, QuantLinear) and loaded.gate.qtype == int(Q.Q8_0)
+    ref = copy.deepcopy(block)
+    with torch.no_grad():
+        ref.gate.weight.copy_(torch.from_numpy(gguf.quants.dequantize(router_q, Q.Q8_0)))
+        x = torch.randn(1, 5, fm.hidden_size)
+        torch.testing.assert_close(loaded(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
 def test_bad_construction(pair):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import ferrum_mps.ops  # noqa: F401  (registers the ops)
-from ferrum_mps.ops import linear as L
 from ferrum_mps import native
+from ferrum_mps.ops import linear as L
+from ferrum_mps.quants import FORMATS
 
 
 @pytest.fixture(autouse=True)
@@ -16,15 +17,11 @@ def _float_reference():
     with native.disabled():
         yield
 
+
 Q = gguf.GGMLQuantizationType
-QUANT_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS]
-FLOAT_TYPES = [Q.F32, Q.F16, Q.BF16]
-# byte offsets of the f16 scale fields inside one block: random bytes there could be inf/nan
-_F16_FIELDS = {
-    Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),
-    Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
-    Q.IQ4_NL: (0,), Q.IQ4_XS: (0,),
-}
+# Every registered type (ferrum_mps.quants.FORMATS): a new format is tested here without a new list.
+QUANT_TYPES = [q for q, f in FORMATS.items() if f.torch_dtype is None]
+FLOAT_TYPES = [q for q, f in FORMATS.items() if f.torch_dtype is not None]
 
 
 def random_raw(qtype, rows, cols, seed=0):
@@ -35,7 +32,7 @@ def random_raw(qtype, rows, cols, seed=0):
         return (torch.randn(rows, cols, generator=g) * 0.5).to(L.FLOAT_QTYPES[qt]).view(torch.uint8).reshape(rows, -1).contiguous()
     block, size = gguf.GGML_QUANT_SIZES[qt]
     raw = torch.randint(0, 256, (rows * cols // block, size), dtype=torch.uint8, generator=g)
-    for off in _F16_FIELDS[qt]:
+    for off in FORMATS[qt].f16_fields:  # random bytes there could be inf/nan
         scale = (torch.rand(raw.shape[0], generator=g) * 0.02 + 0.001) * (torch.randint(0, 2, (raw.shape[0],), generator=g) * 2 - 1)
         raw[:, off : off + 2] = scale.half().view(torch.uint8).view(-1, 2)
     return raw.reshape(rows, -1).contiguous()
@@ -96,7 +93,7 @@ def test_qlinear_works_in_row_chunks(monkeypatch, m):
     x = torch.randn(m, in_f)
     full = torch.ops.ferrum.qlinear(x, raw, int(Q.Q6_K), out_f, in_f)
     seen = []
-    name = "code_planes" if m <= L._SMALL_M else "dequantize_raw"
+    name = "code_planes" if m <= L.SMALL_M else "dequantize_raw"
     real = getattr(L.quants, name)
 
     def spy(r, *a, **k):
@@ -249,3 +246,17 @@ def test_dequantize_and_embedding_bad_input():
         torch.ops.ferrum.qembedding(torch.tensor([1.0]), raw, 12, 256)
     with pytest.raises(ValueError, match="whole number"):
         torch.ops.ferrum.qembedding(torch.tensor([1]), raw[:, :-2].contiguous(), 12, 256)
+
+
+def test_ops_are_inference_only_but_never_silently_wrong_under_autograd():
+    """The ops have no backward: with an input that requires grad the forward works and backward raises
+    (rather than returning detached outputs or silent zero gradients)."""
+    raw = random_raw(Q.Q8_0, 4, 64)
+    x = torch.randn(2, 64, requires_grad=True)
+    y = torch.ops.ferrum.qlinear(x, raw, int(Q.Q8_0), 4, 64)
+    torch.testing.assert_close(y, x.detach() @ gguf_dequant(raw, Q.Q8_0, 4, 64).T, rtol=1e-5, atol=1e-5)
+    assert y.requires_grad
+    with pytest.raises(RuntimeError, match="ferrum::qlinear has no backward"):
+        y.sum().backward()
+    with torch.no_grad():
+        assert not torch.ops.ferrum.qlinear(x, raw, int(Q.Q8_0), 4, 64).requires_grad

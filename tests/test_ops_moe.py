@@ -39,10 +39,10 @@ def rand_stack(E, out, inp, qtype, seed=0):
     def f16(lo, hi):
         return (torch.rand(blocks.shape[0], generator=g) * (hi - lo) + lo).half().view(torch.uint8).view(-1, 2)
 
-    at = {Q.Q6_K: 208, Q.Q3_K: 108, Q.Q2_K: 80}.get(qtype, 0)
-    blocks[:, at : at + 2] = f16(0.002, 0.01)
-    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q4_1, Q.Q5_1, Q.Q2_K):
-        blocks[:, at + 2 : at + 4] = f16(0.0, 0.01)
+    scale, *mins = quants.FORMATS[qtype].f16_fields
+    blocks[:, scale : scale + 2] = f16(0.002, 0.01)
+    for at in mins:
+        blocks[:, at : at + 2] = f16(0.0, 0.01)
     return raw
 
 
@@ -83,11 +83,19 @@ def hf_router(E, k, norm, H=32, seed=0):
     from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
-    cfg = Qwen3MoeConfig(hidden_size=H, num_experts=E, num_experts_per_tok=k, norm_topk_prob=norm)
+    cfg = Qwen3MoeConfig(hidden_size=H, num_experts=E, num_experts_per_tok=k, norm_topk_prob=norm,
+                         experts_implementation="eager")  # standalone block: transformers 5.0 has no default
     router = Qwen3MoeTopKRouter(cfg)
     with torch.no_grad():
         router.weight.copy_(torch.randn(E, H, generator=torch.Generator().manual_seed(seed)))
     return router
+
+
+def hf_route(router, x):
+    """(logits, weights, ids) of transformers' router; the logits are computed here because
+    transformers 5.0's router returns probabilities in that slot."""
+    _, w, ids = router(x)
+    return torch.nn.functional.linear(x, router.weight), w, ids
 
 
 @pytest.mark.parametrize("E,k", [(8, 1), (8, 2), (8, 8), (128, 1), (128, 2), (128, 8)])
@@ -95,7 +103,7 @@ def hf_router(E, k, norm, H=32, seed=0):
 def test_route_matches_hf_router(E, k, norm):
     router = hf_router(E, k, norm)
     x = torch.randn(33, 32, generator=torch.Generator().manual_seed(1))
-    logits, ref_w, ref_ids = router(x)
+    logits, ref_w, ref_ids = hf_route(router, x)
     w, ids = ops.moe_route(logits, k, norm)
     assert w.dtype == torch.float32 and ids.dtype == torch.int32 and w.shape == ids.shape == (33, k)
     assert torch.equal(ids.long(), ref_ids)
@@ -107,7 +115,7 @@ def test_route_ties_follow_topk_order():
     router = hf_router(16, 4, True)
     with torch.no_grad():
         router.weight[8:] = router.weight[:8]
-    logits, ref_w, ref_ids = router(torch.randn(9, 32))
+    logits, ref_w, ref_ids = hf_route(router, torch.randn(9, 32))
     logits = torch.cat([logits, torch.zeros(1, 16)])  # all sixteen equal
     w, ids = ops.moe_route(logits, 4, True)
     assert torch.equal(ids[:9].long(), ref_ids)
@@ -117,10 +125,10 @@ def test_route_ties_follow_topk_order():
 
 def test_route_half_logits_softmax_in_float32():
     router = hf_router(8, 2, True).to(torch.bfloat16)
-    logits, ref_w, ref_ids = router(torch.randn(5, 32, dtype=torch.bfloat16))
+    logits, ref_w, ref_ids = hf_route(router, torch.randn(5, 32, dtype=torch.bfloat16))
     w, ids = ops.moe_route(logits, 2, True)
     assert torch.equal(ids.long(), ref_ids)
-    torch.testing.assert_close(w.to(torch.bfloat16), ref_w)  # HF casts to the logits dtype
+    torch.testing.assert_close(w.to(ref_w.dtype), ref_w)  # HF casts to its logits' dtype (5.0: float32)
 
 
 def test_route_bad_input():
@@ -189,14 +197,20 @@ MIXES = {
 }
 
 
+def mix_stacks(spec, E):
+    """Random (gate, up, down) expert stacks for spec = ((gate, up, down qtypes), hidden, inter)."""
+    (qg, qu, qd), H, inter = spec
+    raws = (rand_stack(E, inter, H, qg, 1), rand_stack(E, inter, H, qu, 2), rand_stack(E, H, inter, qd, 3))
+    return raws, (qg, qu, qd), H, inter
+
+
 @pytest.fixture(scope="module")
 def ffn_stacks():
     cache = {}
 
     def get(mix, E):
         if (mix, E) not in cache:
-            (qg, qu, qd), H, inter = MIXES[mix]
-            raws = (rand_stack(E, inter, H, qg, 1), rand_stack(E, inter, H, qu, 2), rand_stack(E, H, inter, qd, 3))
+            raws, (qg, qu, qd), H, inter = mix_stacks(MIXES[mix], E)
             refs = (deq(raws[0], qg, H), deq(raws[1], qu, H), deq(raws[2], qd, inter))
             cache[mix, E] = (raws, refs, (qg, qu, qd), H, inter)
         return cache[mix, E]
@@ -232,7 +246,8 @@ def test_ffn_bfloat16_and_empty(ffn_stacks):
 @pytest.fixture
 def small():
     g, u, d = rand_stack(4, 96, 64, Q.Q8_0), rand_stack(4, 96, 64, Q.Q8_0), rand_stack(4, 64, 96, Q.Q8_0)
-    w, ids = ops.moe_route(torch.randn(3, 4), 2, True)
+    # Seeded: `ids - 3` below must hold an id < -1 (-1 alone is a valid "no expert").
+    w, ids = ops.moe_route(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), 2, True)
     return torch.randn(3, 64), w, ids, g, u, d
 
 

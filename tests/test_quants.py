@@ -13,14 +13,10 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ferrum_mps.quants import DEQUANT_TYPES, QUANT_TYPES, check_qtype, dequantize_raw, quantize, row_nbytes
+from ferrum_mps.quants import DEQUANT_TYPES, FORMATS, QUANT_TYPES, check_qtype, dequantize_raw, quantize, row_nbytes
 
-# Byte offsets of the fp16 fields of each block format.
-F16_FIELDS = {
-    Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),
-    Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
-    Q.IQ4_NL: (0,), Q.IQ4_XS: (0,),
-}
+# Byte offsets of the fp16 fields of each block format (the registry's; checked against gguf-py below).
+F16_FIELDS = {q: f.f16_fields for q, f in FORMATS.items() if f.f16_fields}
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -74,6 +70,25 @@ def test_dequantize_random_blocks_bit_exact(qtype):
 def test_all_supported_types_are_covered():
     assert set(DEQUANT_TYPES) == set(F16_FIELDS) | set(FLOAT_TYPES)
     assert set(QUANT_TYPES) >= {Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q4_1, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+
+
+@pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda q: q.name)
+def test_registry_f16_fields_are_the_block_scales_per_gguf(qtype):
+    """Every value of a GGML block is (fp16 scale x code) +/- (fp16 min x code): with all the registry's
+    fp16 fields zeroed gguf-py decodes zeros, and with any one of them left random it does not."""
+    rng = np.random.default_rng(int(qtype))
+    _, size = GGML_QUANT_SIZES[qtype]
+    fields = F16_FIELDS[qtype]
+    raw = finite_blocks(rng.integers(0, 256, 64 * size, dtype=np.uint8).tobytes(), qtype, 64, 1)
+    assert FORMATS[qtype].type_size == size and FORMATS[qtype].block == GGML_QUANT_SIZES[qtype][0]
+    for keep in (None,) + fields:
+        r = raw.copy()
+        for off in fields:
+            if off != keep:
+                r[:, off : off + 2] = 0
+        with np.errstate(all="ignore"):
+            out = gguf_dequantize(r, qtype)
+        assert (np.count_nonzero(out) == 0) == (keep is None), (qtype.name, keep)
 
 
 def test_gemma_every_tensor_bit_exact(gemma_gguf_path):

@@ -241,7 +241,8 @@ def qmatmul(xf: torch.Tensor, raw: torch.Tensor, qt, n: int, k: int) -> torch.Te
 def moe_matmul(x: torch.Tensor, ids32: torch.Tensor, raw: torch.Tensor, qt, n: int, k: int, per_slot: bool) -> torch.Tensor | None:
     """Per (token, slot) pair p: x row (p if per_slot else p // top_k) @ W[ids[p]].T -> float32 [pairs, n].
 
-    x: float32 contiguous [rows, k]; ids32: int32 contiguous [T, top_k], values in [0, E);
+    x: float32 contiguous [rows, k]; ids32: int32 contiguous [T, top_k], values in [0, E)
+    (any other id, e.g. NO_EXPERT = -1, selects nothing: that pair's row is zeros);
     raw: contiguous expert stack [E, n, row bytes].
     """
     lib = _active(qt)

@@ -755,13 +755,18 @@ static int grouped_matmul(int qtype, const uint8_t* w, int64_t E, int64_t n, int
         QuantJob qj{x, k, aq, ad32, as16};
         parallel_for(xrows, xrows * k >= (1 << 16) ? nthreads : 1, quant_task, &qj);
         // counting sort of entries by expert (stable)
-        for (int64_t i = 0; i < npairs; i++) count[eid[i] + 1]++;
+        // An id outside [0, E) (NO_EXPERT, -1) selects nothing: its output row is zeros.
+        for (int64_t i = 0; i < npairs; i++) {
+            if (eid[i] >= 0 && eid[i] < E) count[eid[i] + 1]++;
+            else memset(out + i * n, 0, sizeof(float) * n);
+        }
         for (int64_t e = 0; e < E; e++) count[e + 1] += count[e];
         {
             int64_t* pos = (int64_t*)malloc(sizeof(int64_t) * (E + 1));
             if (!pos) { rc = 3; goto done; }
             memcpy(pos, count, sizeof(int64_t) * (E + 1));
             for (int64_t i = 0; i < npairs; i++) {
+                if (eid[i] < 0 || eid[i] >= E) continue;
                 const int64_t j = pos[eid[i]]++;
                 order[j] = i;
                 xr[j] = xrow_of[i];
@@ -828,7 +833,7 @@ FM_EXPORT int fm_qmatmul(int qtype, const uint8_t* w, int64_t n, int64_t k, cons
 }
 
 // out[p, n] = x[xrow(p)] @ W[ids[p]].T for p < npairs; xrow(p) = p (per_slot) or p / topk.
-// ids must be in [0, E) (checked by the caller).
+// A pair whose id is outside [0, E) (NO_EXPERT) gets a row of zeros.
 FM_EXPORT int fm_moe_matmul(int qtype, const uint8_t* w, int64_t E, int64_t n, int64_t k, const float* x,
                             int64_t xrows, const int32_t* ids, int64_t npairs, int64_t topk, int per_slot, float* out,
                             int nthreads) {

@@ -22,7 +22,8 @@ from torch import nn
 import ferrum_mps.ops  # noqa: F401  (registers the ferrum ops)
 
 from .. import quants
-from ..ops.linear import FLOAT_QTYPES
+from ..ops.linear import check_weight
+from ..quants import FLOAT_QTYPES
 
 __all__ = ["QuantLinear", "QuantEmbedding"]
 
@@ -44,6 +45,9 @@ class _QuantWeight(nn.Module):
             raise ValueError(f"raw must be uint8 with {rows} x {nb} bytes for a {qt.name} [{rows}, {cols}] weight, got {raw.dtype} {tuple(raw.shape)}")
         self.qtype = int(qt)
         self.raw = raw.reshape(rows, nb).contiguous()
+        # Everything the ops check about the weight, once here: per call (on MPS) the op finds
+        # the plan made for this layout and only checks the activation.
+        check_weight(self.raw, qt, rows, cols)
         self.qtype_id = torch.tensor(int(qt), device=raw.device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

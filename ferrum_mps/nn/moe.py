@@ -9,21 +9,18 @@ from torch import Tensor, nn
 
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.ferrum.*)
 from .. import quants
-
-_FLOAT_QTYPES = ("F32", "F16", "BF16")
+from .linear import QuantLinear
 
 
 def _router(qt) -> nn.Module:
     """Router from a GGUF tensor: float nn.Linear for F32/F16/BF16 (what llama.cpp writes), else QuantLinear."""
     experts, hidden = qt.shape
-    if quants.check_qtype(qt.qtype).name in _FLOAT_QTYPES:
+    if quants.check_qtype(qt.qtype) in quants.FLOAT_QTYPES:
         router = nn.Linear(hidden, experts, bias=False)
         with torch.no_grad():
             router.weight.copy_(qt.dequantize(torch.float32))
         return router
-    from .linear import QuantLinear
-
-    return QuantLinear(qt.raw, int(qt.qtype), experts, hidden)
+    return QuantLinear.from_qtensor(qt)
 
 
 class FusedMoE(nn.Module):

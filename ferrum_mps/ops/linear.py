@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .. import native, quants, shaders
+from .. import kernels, native, quants, shaders
+from .common import FLOAT_DTYPES, FLOAT_QTYPES, IDS_DTYPES, cdiv, check_float_dtype, check_ids, check_metal, ferrum_op, ids_int32, round_up
 
 Q = GGMLQuantizationType
 
@@ -34,20 +35,21 @@ __all__ = [
     "dequantize_mps",
     "qlinear_mps",
     "qembedding_mps",
+    "qlinear_small",
+    "SMALL_M",
+    "METAL_QTYPES",
+    "check_weight",
 ]
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FLOAT_QTYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-_TAGS = (torch.Tag.needs_contiguous_strides,)
 
 # Float32 values dequantized per step on the CPU path: a small batch never holds a
 # full float32 copy of a big weight (e.g. a 262k x 640 output embedding), and a
 # chunk stays cache-sized.
 _CPU_CHUNK_VALUES = 1 << 20
-# Up to this many rows of x, CPU qlinear takes the decode path (_qlinear_small); beyond it
+# Up to this many rows of x, CPU qlinear takes the decode path (qlinear_small); beyond it
 # the matmul dominates (the planes' header/high-bit columns make it up to 2.4x larger)
 # and dequantize-then-matmul in big chunks wins. Measured break-even: m ~ 16.
-_SMALL_M = 8
+SMALL_M = 8
 # Weight values per chunk of the decode path: each float32 plane (1 MiB) stays in L2
 # and the ~10 torch ops per chunk amortise their dispatch (measured: 2^16 is 2x slower).
 _SMALL_CHUNK_VALUES = 1 << 18
@@ -55,11 +57,6 @@ _SMALL_CHUNK_VALUES = 1 << 18
 
 # ---------------------------------------------------------------------------
 # validation shared by the CPU and MPS paths (and by the MoE ops)
-
-
-def check_float_dtype(dtype: torch.dtype, what: str) -> None:
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{what} must be float32, float16 or bfloat16, got {dtype}")
 
 
 def check_raw(raw: torch.Tensor, qtype: int, rows: int, cols: int, what: str = "raw") -> GGMLQuantizationType:
@@ -110,10 +107,7 @@ def _embedding_rows(raw: torch.Tensor, qtype: int, dim: int) -> tuple[GGMLQuanti
 
 
 def _check_ids(ids: torch.Tensor, raw: torch.Tensor) -> None:
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"ids must be an integer tensor, got {type(ids).__name__}")
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"ids must be int32 or int64, got {ids.dtype}")
+    check_ids(ids)
     if ids.device != raw.device:
         raise ValueError(f"ids is on {ids.device} but the embedding bytes are on {raw.device}")
 
@@ -137,7 +131,7 @@ def _dequant_rows(raw2: torch.Tensor, qt: GGMLQuantizationType, cols: int) -> to
     return quants.dequantize_raw(raw2, qt, cols, torch.float32)
 
 
-def _qlinear_small(xf: torch.Tensor, raw: torch.Tensor, qt: GGMLQuantizationType, n: int, k: int) -> torch.Tensor:
+def qlinear_small(xf: torch.Tensor, raw: torch.Tensor, qt: GGMLQuantizationType, n: int, k: int) -> torch.Tensor:
     """xf [m, k] float32 (m small) @ W.T for quantized W, one cache-sized row chunk at a time.
 
     At small m the dequantization passes, not the matmul, are the cost, so each chunk
@@ -224,7 +218,7 @@ def _plane_runs(qt: GGMLQuantizationType) -> list:
 # ferrum::dequantize
 
 
-@torch.library.custom_op("ferrum::dequantize", mutates_args=(), device_types="cpu", tags=_TAGS)
+@ferrum_op("ferrum::dequantize")
 def dequantize(raw: torch.Tensor, qtype: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """Raw GGML rows -> [rows, cols] in `dtype` (float32/float16/bfloat16)."""
     qt = check_raw(raw, qtype, rows, cols)
@@ -247,11 +241,10 @@ def dequantize_mps(raw: torch.Tensor, qtype: int, rows: int, cols: int, dtype: t
     out = torch.empty((rows, cols), dtype=dtype, device=raw.device)
     if rows == 0:
         return out
-    _check_metal_raw(raw, qt)
+    check_metal(raw, qt, "dequant")
     # One thread per 16 values: the unit every block dequantizer in quant_blocks.h produces.
     n16 = rows * cols // 16
-    k = shaders.kernel("dequantize.metal", f"dequant_{_metal_name(qt)}_{_DT[dtype]}")
-    k(raw, out, n16, threads=_round_up(n16, 256), group_size=256)
+    kernels.kernel("dequant", qt, dtype)(raw, out, n16, threads=round_up(n16, 256), group_size=256)
     return out
 
 
@@ -262,7 +255,7 @@ dequantize.register_kernel("mps")(dequantize_mps)
 # ferrum::qlinear
 
 
-@torch.library.custom_op("ferrum::qlinear", mutates_args=(), device_types="cpu", tags=_TAGS)
+@ferrum_op("ferrum::qlinear")
 def qlinear(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int, in_features: int) -> torch.Tensor:
     """y = x @ W.T with W = raw dequantized [out_features, in_features]; float32 accumulation, x's dtype out."""
     qt = check_raw(raw, qtype, out_features, in_features)
@@ -276,8 +269,8 @@ def qlinear(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int, i
         y = native.qmatmul(xf.contiguous(), raw, qt, out_features, in_features)
         if y is not None:  # native kernels (int8 activations); None: disabled or unavailable
             return y.to(x.dtype).view(*x.shape[:-1], out_features)
-    if x2.shape[0] <= _SMALL_M and qt not in FLOAT_QTYPES:
-        return _qlinear_small(xf, raw, qt, out_features, in_features).to(x.dtype).view(*x.shape[:-1], out_features)
+    if x2.shape[0] <= SMALL_M and qt not in FLOAT_QTYPES:
+        return qlinear_small(xf, raw, qt, out_features, in_features).to(x.dtype).view(*x.shape[:-1], out_features)
     out = torch.empty((x2.shape[0], out_features), dtype=torch.float32)
     raw2 = raw.view(out_features, -1)
     step = max(1, _CPU_CHUNK_VALUES // in_features)
@@ -293,33 +286,70 @@ def _(x, raw, qtype, out_features, in_features):
 
 
 def qlinear_mps(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int, in_features: int) -> torch.Tensor:
+    # The thin path: everything that depends only on the weight (its qtype, shape, layout) and
+    # x's dtype is validated once and kept as a plan with its kernel handles; per call only x's
+    # shape and device are checked, then one allocation and one launch.
+    try:
+        key = ("qlinear", qtype, out_features, in_features, x.dtype, raw.dtype, raw.numel(), raw.is_contiguous(), raw.storage_offset() & 1)
+        plan = shaders.plans.get(key)
+    except (AttributeError, TypeError):  # not tensors, unhashable qtype...: the full checks say what is wrong
+        key = plan = None
+    if plan is None:
+        plan = _qlinear_plan(key, x, raw, qtype, out_features, in_features)
+    if x.dim() == 0 or x.shape[-1] != in_features or x.device != raw.device:
+        check_activation(x, in_features, raw)
+    return plan(x, raw)
+
+
+def _qlinear_plan(key, x, raw, qtype, out_features, in_features) -> "_QLinearPlan":
     qt = check_raw(raw, qtype, out_features, in_features)
     check_activation(x, in_features, raw)
-    x2 = x.reshape(-1, in_features).contiguous()
-    m = x2.shape[0]
-    if qt in FLOAT_QTYPES:
-        w = _float_view(raw, qt, out_features, in_features)
-        y = torch.nn.functional.linear(x2, w) if w.dtype == x.dtype else torch.nn.functional.linear(x2.float(), w.float())
-        return y.to(x.dtype).view(*x.shape[:-1], out_features)
-    _check_metal_raw(raw, qt)
-    out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
-    if m == 0:
-        return out.view(*x.shape[:-1], out_features)
-    name, dt = _metal_name(qt), _DT[x.dtype]
-    if m == 1 and qt in _MV_TYPES:
-        # 2 simdgroups x MV_ROWS rows each per threadgroup.
-        groups = -(-out_features // (2 * _MV_ROWS))
-        k = shaders.kernel("qlinear.metal", f"mv_{name}_{dt}")
-        k(raw, x2, out, in_features, out_features, threads=[64, groups], group_size=[64, 1])
-    elif m <= 8:
-        groups = -(-out_features // (2 * _MVB_ROWS))
-        k = shaders.kernel("qlinear.metal", f"mvb_{name}_{dt}")
-        k(raw, x2, out, in_features, out_features, m, threads=[64, groups], group_size=[64, 1])
-    else:
-        gn, gm = -(-out_features // _MM_TILE_N), -(-m // _MM_TILE_M)
-        k = shaders.kernel("qlinear.metal", f"mm_{name}_{dt}")
-        k(raw, x2, out, in_features, out_features, m, threads=[128 * gn, gm], group_size=[128, 1])
-    return out.view(*x.shape[:-1], out_features)
+    if qt not in FLOAT_QTYPES:
+        check_metal(raw, qt, "mm")
+    plan = _QLinearPlan(qt, out_features, in_features, x.dtype)
+    if key is not None:
+        shaders.plans[key] = plan
+    return plan
+
+
+class _QLinearPlan:
+    """The launches of one weight layout x activation dtype: kernel handles and grid sizes, found once."""
+
+    def __init__(self, qt: GGMLQuantizationType, n: int, k: int, dtype: torch.dtype):
+        self.qt, self.n, self.k = qt, n, k
+        if qt in FLOAT_QTYPES:
+            return
+        g = kernels.GEOMETRY
+        # m = 1: N_SG simdgroups x MV_NR rows per threadgroup (types without mv traits: the mvb kernel).
+        has_mv = qt in _MV_TYPES
+        self.mv = kernels.kernel("mv" if has_mv else "mvb", qt, dtype)
+        self.mv_args = () if has_mv else (1,)
+        self.mv_grid = dict(threads=[32 * g.N_SG, cdiv(n, g.mv_rows if has_mv else g.mvb_rows)], group_size=[32 * g.N_SG, 1])
+        self.mvb = kernels.kernel("mvb", qt, dtype)
+        self.mvb_grid = dict(threads=[32 * g.N_SG, cdiv(n, g.mvb_rows)], group_size=[32 * g.N_SG, 1])
+        self.mm = kernels.kernel("mm", qt, dtype)
+        self.mm_threads = g.QMM_THREADS * cdiv(n, g.QMM_N)
+
+    def __call__(self, x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        n, k = self.n, self.k
+        if self.qt in FLOAT_QTYPES:
+            x2 = x.reshape(-1, k)
+            w = _float_view(raw, self.qt, n, k)
+            y = torch.nn.functional.linear(x2, w) if w.dtype == x.dtype else torch.nn.functional.linear(x2.float(), w.float())
+            return y.to(x.dtype).view(*x.shape[:-1], n)
+        x = x.contiguous()
+        m = x.numel() // k
+        out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+        if m == 1:
+            self.mv(raw, x, out, k, n, *self.mv_args, **self.mv_grid)
+        elif m == 0:
+            pass
+        elif m <= kernels.GEOMETRY.MVB_MMAX:
+            self.mvb(raw, x, out, k, n, m, **self.mvb_grid)
+        else:
+            g = kernels.GEOMETRY
+            self.mm(raw, x, out, k, n, m, threads=[self.mm_threads, cdiv(m, g.QMM_M)], group_size=[g.QMM_THREADS, 1])
+        return out
 
 
 qlinear.register_kernel("mps")(qlinear_mps)
@@ -329,7 +359,7 @@ qlinear.register_kernel("mps")(qlinear_mps)
 # ferrum::qembedding
 
 
-@torch.library.custom_op("ferrum::qembedding", mutates_args=(), device_types="cpu", tags=_TAGS)
+@ferrum_op("ferrum::qembedding")
 def qembedding(ids: torch.Tensor, raw: torch.Tensor, qtype: int, dim: int) -> torch.Tensor:
     """Rows `ids` of the GGML table `raw` ([rows, dim]) as float32 [*ids.shape, dim]; only those rows are dequantized."""
     qt, rows = _embedding_rows(raw, qtype, dim)
@@ -341,7 +371,7 @@ def qembedding(ids: torch.Tensor, raw: torch.Tensor, qtype: int, dim: int) -> to
         y = native.get_rows(raw, qt, dim, flat.contiguous())
         if y is not None:  # bit-exact with the torch path below
             return y.view(*ids.shape, dim)
-    picked = raw.view(rows, -1).index_select(0, flat)
+    picked = raw.view(rows, quants.row_nbytes(qt, dim)).index_select(0, flat)
     return _dequant_rows(picked, qt, dim).view(*ids.shape, dim)
 
 
@@ -352,54 +382,58 @@ def _(ids, raw, qtype, dim):
 
 def qembedding_mps(ids: torch.Tensor, raw: torch.Tensor, qtype: int, dim: int) -> torch.Tensor:
     """As the CPU op, but an id outside [0, rows) yields a row of zeros (checking it would need a host readback)."""
+    try:  # the thin path, as qlinear_mps: the table is checked once per layout, ids per call
+        key = ("qembedding", qtype, dim, raw.dtype, raw.numel(), raw.is_contiguous(), raw.storage_offset() & 1)
+        plan = shaders.plans.get(key)
+    except (AttributeError, TypeError):
+        key = plan = None
+    if plan is None:
+        plan = _qembedding_plan(key, raw, qtype, dim)
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in IDS_DTYPES or ids.device != raw.device:
+        _check_ids(ids, raw)
+    qt, rows, kern = plan
+    if kern is None:  # F32: torch gather; ids outside [0, rows) read row 0 and are zeroed
+        flat = ids.reshape(-1)
+        valid = (flat >= 0) & (flat < rows)
+        if rows == 0:
+            return raw.new_zeros((*ids.shape, dim), dtype=torch.float32)
+        picked = _float_view(raw, qt, rows, dim).index_select(0, flat.clamp(0, rows - 1))
+        return torch.where(valid.unsqueeze(1), picked, 0.0).view(*ids.shape, dim)
+    # int64 ids (what tokenizers give) go to the kernel as they are: 2**32 + 1 is out of range
+    # there, a zero row, never row 1; and no cast launch per call.
+    flat = ids.reshape(-1).contiguous()
+    out = torch.empty((*ids.shape, dim), dtype=torch.float32, device=raw.device)
+    n = flat.numel() * (dim // 16)
+    if n:
+        kern[flat.dtype](raw, flat, out, dim, rows, n, threads=round_up(n, 256), group_size=256)
+    return out
+
+
+def _qembedding_plan(key, raw, qtype, dim):
     qt, rows = _embedding_rows(raw, qtype, dim)
-    _check_ids(ids, raw)
     if qt == Q.F32:
-        return _float_view(raw, qt, rows, dim).index_select(0, ids.reshape(-1)).view(*ids.shape, dim)
-    flat = ids.reshape(-1).to(torch.int32).contiguous()
-    out = torch.empty((flat.numel(), dim), dtype=torch.float32, device=raw.device)
-    if flat.numel() == 0:
-        return out.view(*ids.shape, dim)
-    _check_metal_raw(raw, qt)
-    per_row = dim // 16
-    k = shaders.kernel("dequantize.metal", f"get_rows_{_metal_name(qt)}")
-    n = flat.numel() * per_row
-    k(raw, flat, out, dim, rows, n, threads=_round_up(n, 256), group_size=256)
-    return out.view(*ids.shape, dim)
+        kern = None
+    else:
+        check_metal(raw, qt, "get_rows")
+        kern = {torch.int32: kernels.kernel("get_rows", qt), torch.int64: kernels.kernel("get_rows_i64", qt)}
+    if key is not None:
+        shaders.plans[key] = (qt, rows, kern)
+    return qt, rows, kern
 
 
 qembedding.register_kernel("mps")(qembedding_mps)
 
 
 # ---------------------------------------------------------------------------
-# Metal launch details (kept next to the kernels' constants in qlinear.metal)
+# What runs on MPS (derived from the format registry, ferrum_mps.quants.FORMATS)
 
-_DT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-_MV_ROWS = 2  # rows per simdgroup of the m = 1 kernels (N_R in qlinear.metal)
-_MVB_ROWS = 2  # rows per simdgroup of the 2 <= m <= 8 kernels
-_MM_TILE_N, _MM_TILE_M = 64, 32  # weight rows x tokens per mat-mat threadgroup
-_MV_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
-METAL_QTYPES = frozenset(
-    {Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
-     Q.IQ4_NL, Q.IQ4_XS}
-)
+_MV_TYPES = frozenset(quants.metal_types("mv"))  # with lane-level m = 1 kernels; others use mvb at m = 1
+METAL_QTYPES = frozenset(FLOAT_QTYPES) | frozenset(quants.metal_types("mm"))  # qlinear on MPS (floats: torch)
 
 
-def _metal_name(qt: GGMLQuantizationType) -> str:
-    return qt.name.lower()
-
-
-def _round_up(n: int, g: int) -> int:
-    return -(-n // g) * g
-
-
-def _check_metal_raw(raw: torch.Tensor, qt: GGMLQuantizationType) -> None:
-    if qt not in METAL_QTYPES:
-        names = ", ".join(sorted(t.name for t in METAL_QTYPES))
-        raise ValueError(f"{qt.name} has no Metal kernel (Metal supports {names})")
-    # Blocks are read with 16-bit loads: Metal needs the buffer offset 2-byte aligned.
-    if raw.storage_offset() % 2:
-        raise ValueError(f"raw starts at odd byte offset {raw.storage_offset()}: GGML blocks need 2-byte alignment (clone it)")
-
-
-assert all(GGML_QUANT_SIZES[t][1] % 2 == 0 for t in METAL_QTYPES)
+def check_weight(raw: torch.Tensor, qtype, rows: int, cols: int, what: str = "raw") -> GGMLQuantizationType:
+    """All qlinear checks that depend on the weight alone (what a module runs once, at build)."""
+    qt = check_raw(raw, qtype, rows, cols, what)
+    if raw.device.type == "mps" and qt not in FLOAT_QTYPES:
+        check_metal(raw, qt, "mm", what)
+    return qt

@@ -12,16 +12,19 @@ the launch functions at the end of this file).
 from __future__ import annotations
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor
 
-from .. import native, quants, shaders
-from .linear import _SMALL_M, FLOAT_QTYPES, _qlinear_small
+from .. import kernels, native, quants, shaders
+from .common import (
+    FLOAT_DTYPES, FLOAT_QTYPES, IDS_DTYPES, NO_ID, cdiv, check_float_dtype, check_ids, check_metal, check_same_device, ferrum_op,
+    ids_int32,
+)
+from .linear import SMALL_M, qlinear_small
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_IDS = (torch.int32, torch.int64)
-# Inductor hands these ops contiguous inputs (the Metal kernels ignore strides).
-_TAGS = (torch.Tag.needs_contiguous_strides,)
+# The expert id of a (token, slot) pair that selects nothing (weight 0, contributes zeros):
+# what moe_route gives a token whose logits are NaN/inf; the MPS launchers treat any id
+# outside [0, E) so (they cannot check ids without a host sync).
+NO_EXPERT = NO_ID
 # Bytes of dequantized float32 expert weights the CPU implementations hold at once.
 _CPU_CHUNK_BYTES = 96 << 20
 
@@ -32,17 +35,13 @@ _CPU_CHUNK_BYTES = 96 << 20
 def _check_float(t: Tensor, name: str, dims: tuple[int, ...]) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    check_float_dtype(t.dtype, name)
     if t.dim() not in dims:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
 
 
 def _check_ids(ids: Tensor, T: int, k: int | None, what: str) -> int:
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
-    if ids.dtype not in _IDS:
-        raise TypeError(f"ids must be int32 or int64, got {ids.dtype}")
+    check_ids(ids)
     if ids.dim() != 2 or ids.shape[0] != T or (k is not None and ids.shape[1] != k):
         want = f"[{T}, {k}]" if k is not None else f"[{T}, top_k]"
         raise ValueError(f"ids must have shape {want} to match {what}, got {tuple(ids.shape)}")
@@ -60,10 +59,7 @@ def _check_stack(raw: Tensor, qtype: int, out_features: int, in_features: int, n
         raise TypeError(f"{name} must hold raw GGUF bytes as torch.uint8, got {raw.dtype}")
     if out_features < 1 or in_features < 1:
         raise ValueError(f"{name}: out_features and in_features must be positive, got {out_features}, {in_features}")
-    block, size = GGML_QUANT_SIZES[q]  # not quants.row_nbytes: sizes may be SymInts under torch.compile
-    if in_features % block:
-        raise ValueError(f"{name}: in_features={in_features} is not a multiple of the {q.name} block size {block}")
-    rb = in_features // block * size
+    rb = quants.row_nbytes(q, in_features)  # SymInt-safe: sizes may be SymInts under torch.compile
     if raw.dim() != 3 or raw.shape[0] < 1 or raw.shape[1] != out_features or raw.shape[2] != rb:
         raise ValueError(
             f"{name} must be an expert stack [experts, {out_features}, {rb}] "
@@ -74,20 +70,20 @@ def _check_stack(raw: Tensor, qtype: int, out_features: int, in_features: int, n
     return raw.shape[0]
 
 
-def _check_devices(**tensors: Tensor) -> None:
-    devices = {n: t.device for n, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"all tensors must be on the same device, got {listing}")
+def _check_ids_range(ids: Tensor, experts: int) -> bool:
+    """Raise unless every id is in [0, E) or NO_EXPERT; True when some pair has NO_EXPERT.
 
-
-def _check_ids_range(ids: Tensor, experts: int) -> None:
-    # Reading ids on an MPS tensor would be a host sync: only CPU inputs are checked here;
-    # the Metal kernels skip pairs whose id is out of range instead of reading out of bounds.
+    Reading ids on an MPS tensor would be a host sync: only CPU inputs are checked here; the
+    Metal kernels skip pairs whose id is out of range instead of reading out of bounds.
+    Code that indexes with the ids (any kernel that has no NO_EXPERT case) must skip or
+    filter those pairs when this returns True.
+    """
     if ids.device.type == "cpu" and ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= experts:
-            raise ValueError(f"expert ids must be in [0, {experts}), got values in [{lo}, {hi}]")
+        if lo < NO_EXPERT or hi >= experts:
+            raise ValueError(f"expert ids must be in [0, {experts}) or {NO_EXPERT} (no expert), got values in [{lo}, {hi}]")
+        return lo == NO_EXPERT
+    return False
 
 
 def _check_route(router_logits: Tensor, top_k: int) -> None:
@@ -106,7 +102,7 @@ def _check_qlinear(x, ids, experts_raw, qtype, out_features, in_features) -> tup
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features, expected in_features={in_features}")
     E = _check_stack(experts_raw, qtype, out_features, in_features, "experts_raw")
-    _check_devices(x=x, ids=ids, experts_raw=experts_raw)
+    check_same_device(x=x, ids=ids, experts_raw=experts_raw)
     return T, k, E
 
 
@@ -121,7 +117,7 @@ def _check_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype
     for raw, q, out, inp, name in ((up_raw, up_qtype, inter, H, "up_raw"), (down_raw, down_qtype, H, inter, "down_raw")):
         if _check_stack(raw, q, out, inp, name) != E:
             raise ValueError(f"{name} has {raw.shape[0]} experts, gate_raw has {E}")
-    _check_devices(x=x, weights=weights, ids=ids, gate_raw=gate_raw, up_raw=up_raw, down_raw=down_raw)
+    check_same_device(x=x, weights=weights, ids=ids, gate_raw=gate_raw, up_raw=up_raw, down_raw=down_raw)
     return T, H, k, E
 
 
@@ -129,11 +125,15 @@ def _check_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype
 
 
 def _groups(ids: Tensor, experts: int):
-    """Pairs sorted by expert (stable), and the experts used with their [start, end) in that order."""
+    """Pairs sorted by expert (stable), and the experts used with their [start, end) in that order.
+
+    Pairs with id NO_EXPERT sort first and belong to no group: they contribute nothing.
+    """
     flat = ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts)
-    ends = torch.cumsum(counts, 0)
+    counts = torch.bincount(flat - NO_EXPERT, minlength=experts + 1)
+    ends = torch.cumsum(counts, 0)[1:]
+    counts = counts[1:]
     used = torch.nonzero(counts).flatten()
     return order, used.tolist(), (ends - counts)[used].tolist(), ends[used].tolist()
 
@@ -167,27 +167,33 @@ def _grouped_mm(xs: Tensor, w: Tensor, sizes: list[int]) -> Tensor:
 def _expert_mm(xs: Tensor, raw: Tensor, sel: list[int], sizes: list[int], qtype: int, out_features: int, in_features: int) -> Tensor:
     """Rows of xs grouped by expert (consecutive runs of `sizes`) times their expert's W.T: [sum(sizes), out]."""
     qt = quants.check_qtype(qtype)
-    if max(sizes) <= _SMALL_M and qt not in FLOAT_QTYPES:
+    if max(sizes) <= SMALL_M and qt not in FLOAT_QTYPES:
         # Decode: a few rows per expert, so dequantization is the cost; qlinear's small-m path
         # reads each selected expert's bytes once and never builds its float matrix.
-        return torch.cat([_qlinear_small(g, raw[e], qt, out_features, in_features) for g, e in zip(xs.split(sizes), sel)])
+        return torch.cat([qlinear_small(g, raw[e], qt, out_features, in_features) for g, e in zip(xs.split(sizes), sel)])
     return _grouped_mm(xs, _dequant_experts(raw, sel, qtype, in_features), sizes)
 
 
 # ---------------------------------------------------------------------------- moe_route
 
 
-@torch.library.custom_op("ferrum::moe_route", mutates_args=(), device_types="cpu", tags=_TAGS)
+@ferrum_op("ferrum::moe_route")
 def moe_route(router_logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
     """Softmax (float32) over experts, top-k (torch.topk order), renormalised when `normalize`.
 
-    Returns (weights float32 [T, k], ids int32 [T, k]), exactly as Qwen3MoeTopKRouter.
+    Returns (weights float32 [T, k], ids int32 [T, k]), exactly as Qwen3MoeTopKRouter; a token
+    whose softmax is undefined (NaN or +inf logits, all -inf) gets ids NO_EXPERT and weights 0.
     """
     _check_route(router_logits, top_k)
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    # A NaN or +inf logit, or a row of -inf, leaves the softmax undefined (NaN): that token
+    # gets no expert (id -1, weight 0) rather than arbitrary ids with NaN weights.
+    undefined = probs.isnan().any(dim=-1, keepdim=True)
+    weights = weights.masked_fill(undefined, 0.0)
+    ids = ids.masked_fill(undefined, NO_EXPERT)
     return weights.contiguous(), ids.to(torch.int32).contiguous()
 
 
@@ -204,11 +210,11 @@ def _(router_logits, top_k, normalize):
 # ---------------------------------------------------------------------------- moe_qlinear
 
 
-@torch.library.custom_op("ferrum::moe_qlinear", mutates_args=(), device_types="cpu", tags=_TAGS)
+@ferrum_op("ferrum::moe_qlinear")
 def moe_qlinear(x: Tensor, ids: Tensor, experts_raw: Tensor, qtype: int, out_features: int, in_features: int) -> Tensor:
     """y[t, s] = x[t] (or x[t, s]) @ W[ids[t, s]].T for each pair; W are the quantized expert matrices."""
     T, k, E = _check_qlinear(x, ids, experts_raw, qtype, out_features, in_features)
-    _check_ids_range(ids, E)
+    _check_ids_range(ids, E)  # pairs with NO_EXPERT: _groups leaves them out
     out = torch.zeros(T * k, out_features, dtype=torch.float32)
     if T == 0:
         return out.view(T, k, out_features).to(x.dtype)
@@ -235,7 +241,7 @@ def _(x, ids, experts_raw, qtype, out_features, in_features):
 # ---------------------------------------------------------------------------- moe_ffn
 
 
-@torch.library.custom_op("ferrum::moe_ffn", mutates_args=(), device_types="cpu", tags=_TAGS)
+@ferrum_op("ferrum::moe_ffn")
 def moe_ffn(
     x: Tensor,
     weights: Tensor,
@@ -250,7 +256,7 @@ def moe_ffn(
 ) -> Tensor:
     """out[t] = sum_s weights[t, s] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, s]."""
     T, H, k, E = _check_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter)
-    _check_ids_range(ids, E)
+    _check_ids_range(ids, E)  # pairs with NO_EXPERT: _groups leaves them out
     out = torch.zeros(T, H, dtype=torch.float32)
     if T == 0:
         return out.to(x.dtype)
@@ -301,7 +307,13 @@ def _(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qt
 # Each function validates everything it can without reading GPU memory, then only launches
 # kernels: no .item(), no nonzero, no output shape that depends on the ids. Ids outside
 # [0, E) cannot be checked without a host sync: the kernels never address memory with them
-# and the pair contributes zeros instead.
+# and the pair contributes zeros instead (int64 ids are clamped before the int32 cast, so
+# none wraps onto a valid expert).
+#
+# The thin path: what depends only on the expert stacks (qtypes, shapes, layout) and the
+# activation dtype is validated once and kept as a plan (kernel handles, grid sizes) in
+# shaders.plans; per call the other inputs' shapes are compared, then buffers are allocated
+# and the kernels launched. Any mismatch runs the full checks, which say what is wrong.
 #
 # Launches per call (ours; plus one torch cast when ids are int64):
 #   moe_route: 1.  moe_qlinear: 1 below _MM_MIN_TOKENS tokens, else 2 (bucket, mat-mat).
@@ -309,121 +321,168 @@ def _(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qt
 #   (bucket, gate+up+silu*mul, down*weight, per-token sum).
 
 _MM_MIN_TOKENS = 32  # from here on tokens share expert weights often enough to tile
-_MV_ROWS = 4  # weight rows per mat-vec threadgroup (MOE_NSG * MOE_NR in moe.metal)
-_MM_ROWS, _MM_PAIRS = 64, 32  # QMM_N (weight rows), QMM_M (pairs) of a qmm_tile
-_ROUTE_MAX_EXPERTS = 256  # 8 probabilities per lane of the one-simdgroup routing kernel
-_METAL_QTYPES = frozenset(
-    {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q8_0,
-     GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K}
-)
-_DT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+_G = kernels.GEOMETRY
+_ROUTE_MAX_EXPERTS = _G.MOE_ROUTE_MAX_E
+_MV_GROUP = [32 * _G.MOE_NSG, 1, 1]  # MoE mat-vec threadgroup: MOE_NSG simdgroups x MOE_NR rows
+_MM_GROUP = [_G.QMM_THREADS, 1, 1]
+_IDS, _WEIGHT_DTYPES = IDS_DTYPES, FLOAT_DTYPES
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _metal_qtype(raw: Tensor, qtype: int, name: str) -> str:
-    q = quants.check_qtype(qtype)
-    if q not in _METAL_QTYPES:
-        supported = ", ".join(sorted(t.name for t in _METAL_QTYPES))
-        raise ValueError(f"{name}: {q.name} has no Metal MoE kernel (supported: {supported})")
-    if raw.storage_offset() % 2:
-        raise ValueError(f"{name} starts at an odd byte offset: GGML blocks need 2-byte alignment (clone it)")
-    return q.name.lower()
-
-
-def _ids32(ids: Tensor) -> Tensor:
-    return ids.to(torch.int32).contiguous()
+def _stack_key(raw: Tensor) -> tuple:
+    """What validating an expert stack depends on (shape, dtype, layout, device)."""
+    return raw.shape, raw.dtype, raw.is_contiguous(), raw.storage_offset() & 1, raw.device
 
 
 def _bucket(ids32: Tensor, experts: int) -> tuple[Tensor, Tensor, Tensor, int]:
     """GPU-side grouping of pairs by expert into fixed-size buffers: pairs, their tokens, tile list."""
     P = ids32.numel()
-    max_tiles = P // _MM_PAIRS + min(experts, P) + 1
+    max_tiles = P // _G.QMM_M + min(experts, P) + 1
     dev = ids32.device
     starts = torch.empty(experts, dtype=torch.int32, device=dev)
     pairs = torch.empty(P, dtype=torch.int32, device=dev)
     toks = torch.empty(P, dtype=torch.int32, device=dev)
     tiles = torch.empty(3 * max_tiles, dtype=torch.int32, device=dev)
-    k = shaders.kernel("moe.metal", "moe_bucket")
+    k = kernels.kernel("moe_bucket")
     k(ids32, starts, pairs, toks, tiles, P, experts, ids32.shape[1], max_tiles, threads=256, group_size=256)
     return pairs, toks, tiles, max_tiles
 
 
 def moe_route_mps(router_logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
-    _check_route(router_logits, top_k)
+    try:
+        key = ("moe_route", router_logits.dtype, router_logits.dim(), router_logits.shape[-1], top_k)
+        kern = shaders.plans.get(key)
+    except (AttributeError, IndexError, TypeError):
+        key = kern = None
+    if kern is None:
+        _check_route(router_logits, top_k)
+        E = router_logits.shape[1]
+        if E > _ROUTE_MAX_EXPERTS:
+            raise ValueError(f"the Metal routing kernel handles up to {_ROUTE_MAX_EXPERTS} experts, got {E}")
+        kern = kernels.kernel("moe_route", dtype=router_logits.dtype)
+        if key is not None:
+            shaders.plans[key] = kern
     T, E = router_logits.shape
-    if E > _ROUTE_MAX_EXPERTS:
-        raise ValueError(f"the Metal routing kernel handles up to {_ROUTE_MAX_EXPERTS} experts, got {E}")
     dev = router_logits.device
     weights = torch.empty(T, top_k, dtype=torch.float32, device=dev)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=dev)
     if T:
-        k = shaders.kernel("moe.metal", f"moe_route_{_DT[router_logits.dtype]}")
-        k(router_logits.contiguous(), weights, ids, E, top_k, int(bool(normalize)), threads=[32, T], group_size=[32, 1])
+        kern(router_logits.contiguous(), weights, ids, E, top_k, int(bool(normalize)), threads=[32, T], group_size=[32, 1])
     return weights, ids
 
 
+class _QLinearPlan:
+    """moe_qlinear's launches for one expert stack x activation dtype."""
+
+    def __init__(self, x, ids, experts_raw, qtype, out_features, in_features):
+        _, _, self.E = _check_qlinear(x, ids, experts_raw, qtype, out_features, in_features)
+        q = check_metal(experts_raw, qtype, "moe", "experts_raw")
+        self.out_features, self.in_features, self.dev = out_features, in_features, experts_raw.device
+        self.mv = kernels.kernel("moe_mv", q, x.dtype)
+        self.mm = kernels.kernel("moe_mm", q, x.dtype)
+        self.mv_rows, self.mm_rows = cdiv(out_features, _G.moe_mv_rows), cdiv(out_features, _G.QMM_N)
+
+    def ok(self, x: Tensor, ids: Tensor) -> bool:
+        """The per-call inputs fit the plan (else the full checks run and say why not)."""
+        return (x.dim() in (2, 3) and x.shape[-1] == self.in_features and ids.dim() == 2 and ids.shape[0] == x.shape[0]
+                and ids.shape[1] >= 1 and (x.dim() == 2 or ids.shape[1] == x.shape[1]) and ids.dtype in _IDS
+                and x.device == self.dev and ids.device == self.dev)
+
+
 def moe_qlinear_mps(x: Tensor, ids: Tensor, experts_raw: Tensor, qtype: int, out_features: int, in_features: int) -> Tensor:
-    T, k, E = _check_qlinear(x, ids, experts_raw, qtype, out_features, in_features)
-    name, dt = _metal_qtype(experts_raw, qtype, "experts_raw"), _DT[x.dtype]
-    x, ids32, per_slot, P = x.contiguous(), _ids32(ids), int(x.dim() == 3), T * k
+    try:
+        key = ("moe_qlinear", qtype, out_features, in_features, x.dtype, _stack_key(experts_raw))
+        plan = shaders.plans.get(key)
+    except (AttributeError, TypeError):
+        key = plan = None
+    if plan is None or not plan.ok(x, ids):
+        plan = _QLinearPlan(x, ids, experts_raw, qtype, out_features, in_features)
+        if key is not None:
+            shaders.plans[key] = plan
+    T, k, E = x.shape[0], ids.shape[1], plan.E
+    x, ids32, per_slot, P = x.contiguous(), ids_int32(ids, E), int(x.dim() == 3), T * k
     if T < _MM_MIN_TOKENS:
         y = torch.empty(T, k, out_features, dtype=x.dtype, device=x.device)
         if T:
-            kern = shaders.kernel("moe.metal", f"moe_mv_{name}_{dt}")
-            kern(experts_raw, x, ids32, y, in_features, out_features, E, k, per_slot,
-                 threads=[64, _cdiv(out_features, _MV_ROWS), P], group_size=[64, 1, 1])
+            plan.mv(experts_raw, x, ids32, y, in_features, out_features, E, k, per_slot,
+                    threads=[_MV_GROUP[0], plan.mv_rows, P], group_size=_MV_GROUP)
         return y
     pairs, toks, tiles, n_tiles = _bucket(ids32, E)
     y = torch.zeros(T, k, out_features, dtype=x.dtype, device=x.device)  # pairs with a bad id stay zero
-    kern = shaders.kernel("moe.metal", f"moe_mm_{name}_{dt}")
-    kern(experts_raw, x, pairs, toks, tiles, y, in_features, out_features, per_slot,
-         threads=[128, _cdiv(out_features, _MM_ROWS), n_tiles], group_size=[128, 1, 1])
+    plan.mm(experts_raw, x, pairs, toks, tiles, y, in_features, out_features, per_slot,
+            threads=[_MM_GROUP[0], plan.mm_rows, n_tiles], group_size=_MM_GROUP)
     return y
+
+
+class _FFNPlan:
+    """moe_ffn's launches for one set of expert stacks x activation dtype."""
+
+    def __init__(self, x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter):
+        _, self.H, _, self.E = _check_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter)
+        g = check_metal(gate_raw, gate_qtype, "moe", "gate_raw")
+        u = check_metal(up_raw, up_qtype, "moe", "up_raw")
+        d = check_metal(down_raw, down_qtype, "moe", "down_raw")
+        self.dev, self.inter, dt = gate_raw.device, inter, x.dtype
+        # Files mixing gate and up types are rare: two moe_qlinear launches and a torch silu*mul.
+        self.fused = g == u
+        if self.fused:
+            self.mv_gate_up = kernels.kernel("moe_mv_gate_up", g, dt)
+            self.mm_gate_up = kernels.kernel("moe_mm_gate_up", g, dt)
+        self.mv_down_sum = kernels.kernel("moe_mv_down_sum", d, dt)
+        self.mm_down = kernels.kernel("moe_mm_down", d)
+        self.reduce = kernels.kernel("moe_reduce", dtype=dt)
+        self.mv_inter, self.mv_h = cdiv(inter, _G.moe_mv_rows), cdiv(self.H, _G.moe_mv_rows)
+        self.mm_inter, self.mm_h = cdiv(inter, _G.QMM_N), cdiv(self.H, _G.QMM_N)
+
+    def ok(self, x: Tensor, weights: Tensor, ids: Tensor) -> bool:
+        dev = self.dev
+        return (x.dim() == 2 and x.shape[1] == self.H and ids.dim() == 2 and ids.shape[0] == x.shape[0]
+                and ids.shape[1] >= 1 and weights.shape == ids.shape and ids.dtype in _IDS
+                and weights.dtype in _WEIGHT_DTYPES and x.device == dev and ids.device == dev and weights.device == dev)
 
 
 def moe_ffn_mps(
     x: Tensor, weights: Tensor, ids: Tensor, gate_raw: Tensor, up_raw: Tensor, down_raw: Tensor,
     gate_qtype: int, up_qtype: int, down_qtype: int, inter: int,
 ) -> Tensor:
-    T, H, k, E = _check_ffn(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter)
-    gname, uname = _metal_qtype(gate_raw, gate_qtype, "gate_raw"), _metal_qtype(up_raw, up_qtype, "up_raw")
-    dname, dt = _metal_qtype(down_raw, down_qtype, "down_raw"), _DT[x.dtype]
+    try:
+        key = ("moe_ffn", gate_qtype, up_qtype, down_qtype, inter, x.dtype,
+               _stack_key(gate_raw), _stack_key(up_raw), _stack_key(down_raw))
+        plan = shaders.plans.get(key)
+    except (AttributeError, TypeError):
+        key = plan = None
+    if plan is None or not plan.ok(x, weights, ids):
+        plan = _FFNPlan(x, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter)
+        if key is not None:
+            shaders.plans[key] = plan
+    T, H, k, E = x.shape[0], plan.H, ids.shape[1], plan.E
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    x, ids32, P = x.contiguous(), _ids32(ids), T * k
+    x, ids32, P = x.contiguous(), ids_int32(ids, E), T * k
     w = weights.to(torch.float32).contiguous()
     small = T < _MM_MIN_TOKENS
     if not small:
         pairs, toks, tiles, n_tiles = _bucket(ids32, E)
-    if gname != uname:
-        # Files mixing gate and up types are rare: two projections and a torch silu*mul.
+    if not plan.fused:
         g = moe_qlinear_mps(x, ids32, gate_raw, gate_qtype, inter, H)
         u = moe_qlinear_mps(x, ids32, up_raw, up_qtype, inter, H)
         h = (torch.nn.functional.silu(g.float()) * u.float()).view(P, inter)
     else:
         h = torch.empty(P, inter, dtype=torch.float32, device=x.device)
         if small:
-            kern = shaders.kernel("moe.metal", f"moe_mv_gate_up_{gname}_{dt}")
-            kern(gate_raw, up_raw, x, ids32, h, H, inter, E, k,
-                 threads=[64, _cdiv(inter, _MV_ROWS), P], group_size=[64, 1, 1])
+            plan.mv_gate_up(gate_raw, up_raw, x, ids32, h, H, inter, E, k,
+                            threads=[_MV_GROUP[0], plan.mv_inter, P], group_size=_MV_GROUP)
         else:
-            kern = shaders.kernel("moe.metal", f"moe_mm_gate_up_{gname}_{dt}")
-            kern(gate_raw, up_raw, x, pairs, toks, tiles, h, H, inter,
-                 threads=[128, _cdiv(inter, _MM_ROWS), n_tiles], group_size=[128, 1, 1])
+            plan.mm_gate_up(gate_raw, up_raw, x, pairs, toks, tiles, h, H, inter,
+                            threads=[_MM_GROUP[0], plan.mm_inter, n_tiles], group_size=_MM_GROUP)
     if small:
-        kern = shaders.kernel("moe.metal", f"moe_mv_down_sum_{dname}_{dt}")
-        kern(down_raw, h, w, ids32, out, H, inter, E, k, threads=[64, _cdiv(H, _MV_ROWS), T], group_size=[64, 1, 1])
+        plan.mv_down_sum(down_raw, h, w, ids32, out, H, inter, E, k,
+                         threads=[_MV_GROUP[0], plan.mv_h, T], group_size=_MV_GROUP)
         return out
     y = torch.empty(P, H, dtype=torch.float32, device=x.device)
-    kern = shaders.kernel("moe.metal", f"moe_mm_down_{dname}")
-    kern(down_raw, h, pairs, tiles, w, y, H, inter, threads=[128, _cdiv(H, _MM_ROWS), n_tiles], group_size=[128, 1, 1])
-    kern = shaders.kernel("moe.metal", f"moe_reduce_{dt}")
-    n = T * H
-    kern(y, ids32, out, T, H, k, E, threads=_cdiv(n, 256) * 256, group_size=256)
+    plan.mm_down(down_raw, h, pairs, tiles, w, y, H, inter,
+                 threads=[_MM_GROUP[0], plan.mm_h, n_tiles], group_size=_MM_GROUP)
+    plan.reduce(y, ids32, out, T, H, k, E, threads=cdiv(T * H, 256) * 256, group_size=256)
     return out
 
 
