@@ -72,13 +72,6 @@ def ref(gguf_file):
     return hf.eval()
 
 
-@pytest.fixture
-def float_path():
-    """The exact float CPU path (tests pin it to transformers at 2e-3; the native kernels have their own test)."""
-    with native.disabled():
-        yield
-
-
 @pytest.fixture(scope="module")
 def prompt_ids(gguf_file):
     tokens = gguf_file.metadata["tokenizer.ggml.tokens"]
@@ -94,7 +87,7 @@ def test_config_from_metadata(model):
     assert (c.rope_theta, c.rope_local_theta, c.query_pre_attn_scalar) == (1e6, 1e4, 256)
 
 
-def test_logits_and_greedy_continuation_match_transformers(model, ref, prompt_ids, float_path):
+def test_logits_and_greedy_continuation_match_transformers(model, ref, prompt_ids):
     n, T = 24, prompt_ids.shape[1]
     with torch.no_grad():
         theirs = ref.generate(prompt_ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
@@ -108,7 +101,7 @@ def test_logits_and_greedy_continuation_match_transformers(model, ref, prompt_id
     assert ours[0, :n].argmax(-1).tolist() == theirs[0, T:].tolist()
 
 
-def test_sliding_window_prompt_matches_transformers(model, ref, float_path):
+def test_sliding_window_prompt_matches_transformers(model, ref):
     # 520 tokens > the 512-token window: the 15 local layers must forget the first 8 positions.
     ids = torch.randint(3, 200_000, (1, 520), generator=torch.Generator().manual_seed(0))
     ids[0, 0] = 2
@@ -125,6 +118,7 @@ def test_sliding_window_prompt_matches_transformers(model, ref, float_path):
     assert (unwindowed - theirs).abs().max().item() > 50 * err
 
 
+@pytest.mark.native
 def test_native_cpu_kernels_keep_greedy_continuation(model, ref, prompt_ids):
     # The native kernels quantize activations to int8 per 32 values (as llama.cpp): logits move
     # by up to 0.67 here (measured; max |logit| ~30), the 24 greedy tokens all stay the same.

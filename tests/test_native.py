@@ -17,6 +17,8 @@ from gguf.quants import dequantize as gguf_dequantize
 import ferrum_mps.ops  # noqa: F401  (registers the ops)
 from ferrum_mps import native, quants
 
+pytestmark = pytest.mark.native  # conftest runs every other test on the exact float path
+
 TYPES = sorted(native.QTYPES, key=int)
 REL_TOL = 2e-2
 

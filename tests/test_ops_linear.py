@@ -6,17 +6,8 @@ import pytest
 import torch
 
 import ferrum_mps.ops  # noqa: F401  (registers the ops)
-from ferrum_mps import native
 from ferrum_mps.ops import linear as L
 from ferrum_mps.quants import FORMATS
-
-
-@pytest.fixture(autouse=True)
-def _float_reference():
-    """These tests pin the exact float reference path; tests/test_native.py tests the native kernels against it."""
-    with native.disabled():
-        yield
-
 
 Q = gguf.GGMLQuantizationType
 # Every registered type (ferrum_mps.quants.FORMATS): a new format is tested here without a new list.

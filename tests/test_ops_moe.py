@@ -14,14 +14,6 @@ from gguf import GGMLQuantizationType as Q
 import ferrum_mps.ops  # noqa: F401
 import ferrum_mps.ops.moe as moe_ops
 from ferrum_mps import quants
-from ferrum_mps import native
-
-
-@pytest.fixture(autouse=True)
-def _float_reference():
-    """These tests pin the exact float reference path; tests/test_native.py tests the native kernels against it."""
-    with native.disabled():
-        yield
 
 ops = torch.ops.ferrum
 
