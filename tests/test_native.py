@@ -81,6 +81,12 @@ def test_qlinear_native_dtypes_threads_and_opcheck():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)  # every output is one task's: no thread-count dependence
+    # Same accumulation order on every path: a row's result does not depend on the batch (decode == prefill).
+    for q in (Q.Q4_K, Q.Q8_0):
+        r = _raw(q, n, k)
+        assert torch.equal(torch.ops.ferrum.qlinear(x[1:2], r, int(q), n, k), torch.ops.ferrum.qlinear(x, r, int(q), n, k)[1:2])
+        x6 = torch.randn(6, k)
+        assert torch.equal(torch.ops.ferrum.qlinear(x6[5:], r, int(q), n, k), torch.ops.ferrum.qlinear(x6, r, int(q), n, k)[5:])
     for dt in (torch.float16, torch.bfloat16):
         y = torch.ops.ferrum.qlinear(x.to(dt), raw, int(qt), n, k)
         assert y.dtype == dt and _rel(y.float(), one) < 1e-2

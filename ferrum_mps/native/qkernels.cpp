@@ -385,24 +385,19 @@ static inline float hsum8(__m256 v) {
 #endif
 
 // sum over blocks b: (d16[2b] * isum(lo16) + d16[2b+1] * isum(hi16)) * d32[b]
+//
+// Every path (this one, the in-place Q8_0 one and the 4-row one) accumulates in the same
+// order with the same operations, so a row's result does not depend on how many rows a
+// call has (prefill and decode agree bit for bit) nor on the thread count.
 static float dot_unpacked(const int8_t* w, const float* d16, const QRow& a, int64_t nb32) {
 #if defined(__AVX2__)
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 1 < nb32; b += 2) {
-        const __m256i p0 = dot32_i8(w + 32 * b, a.q + 32 * b);
-        const __m256i p1 = dot32_i8(w + 32 * b + 32, a.q + 32 * b + 32);
-        const __m256 s0 = _mm256_mul_ps(_mm256_set_m128(_mm_set1_ps(d16[2 * b + 1]), _mm_set1_ps(d16[2 * b])), _mm256_set1_ps(a.d32[b]));
-        const __m256 s1 = _mm256_mul_ps(_mm256_set_m128(_mm_set1_ps(d16[2 * b + 3]), _mm_set1_ps(d16[2 * b + 2])), _mm256_set1_ps(a.d32[b + 1]));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s0, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s1, acc1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb32; b++) {
+        const __m256i p = dot32_i8(w + 32 * b, a.q + 32 * b);
+        const __m256 sw = _mm256_set_m128(_mm_set1_ps(d16[2 * b + 1]), _mm_set1_ps(d16[2 * b]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sw, _mm256_set1_ps(a.d32[b])), acc);
     }
-    for (; b < nb32; b++) {
-        const __m256i p0 = dot32_i8(w + 32 * b, a.q + 32 * b);
-        const __m256 s0 = _mm256_mul_ps(_mm256_set_m128(_mm_set1_ps(d16[2 * b + 1]), _mm_set1_ps(d16[2 * b])), _mm256_set1_ps(a.d32[b]));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s0, acc0);
-    }
-    return hsum8(_mm256_add_ps(acc0, acc1));
+    return hsum8(acc);
 #else
     float acc = 0.f;
     for (int64_t b = 0; b < nb32; b++) {
@@ -411,7 +406,7 @@ static float dot_unpacked(const int8_t* w, const float* d16, const QRow& a, int6
         const int8_t* ab = a.q + 32 * b;
         for (int j = 0; j < 16; j++) s0 += (int32_t)wb[j] * (int32_t)ab[j];
         for (int j = 16; j < 32; j++) s1 += (int32_t)wb[j] * (int32_t)ab[j];
-        acc += ((float)s0 * d16[2 * b] + (float)s1 * d16[2 * b + 1]) * a.d32[b];
+        acc += (float)s0 * (d16[2 * b] * a.d32[b]) + (float)s1 * (d16[2 * b + 1] * a.d32[b]);
     }
     return acc;
 #endif
@@ -420,27 +415,22 @@ static float dot_unpacked(const int8_t* w, const float* d16, const QRow& a, int6
 // Q8_0 weights read in place (34-byte blocks: fp16 scale, 32 int8).
 static float dot_q8_0(const uint8_t* r, const QRow& a, int64_t nb32) {
 #if defined(__AVX2__)
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 1 < nb32; b += 2) {
-        const __m256i p0 = dot32_i8((const int8_t*)(r + 34 * b + 2), a.q + 32 * b);
-        const __m256i p1 = dot32_i8((const int8_t*)(r + 34 * b + 36), a.q + 32 * b + 32);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(r + 34 * b) * a.d32[b]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(h2f(r + 34 * b + 34) * a.d32[b + 1]), acc1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb32; b++) {
+        const __m256i p = dot32_i8((const int8_t*)(r + 34 * b + 2), a.q + 32 * b);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_set1_ps(h2f(r + 34 * b)), _mm256_set1_ps(a.d32[b])), acc);
     }
-    for (; b < nb32; b++) {
-        const __m256i p0 = dot32_i8((const int8_t*)(r + 34 * b + 2), a.q + 32 * b);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(r + 34 * b) * a.d32[b]), acc0);
-    }
-    return hsum8(_mm256_add_ps(acc0, acc1));
+    return hsum8(acc);
 #else
     float acc = 0.f;
     for (int64_t b = 0; b < nb32; b++) {
         const int8_t* wb = (const int8_t*)(r + 34 * b + 2);
         const int8_t* ab = a.q + 32 * b;
-        int32_t s = 0;
-        for (int j = 0; j < 32; j++) s += (int32_t)wb[j] * (int32_t)ab[j];
-        acc += (float)s * (h2f(r + 34 * b) * a.d32[b]);
+        int32_t s0 = 0, s1 = 0;
+        for (int j = 0; j < 16; j++) s0 += (int32_t)wb[j] * (int32_t)ab[j];
+        for (int j = 16; j < 32; j++) s1 += (int32_t)wb[j] * (int32_t)ab[j];
+        const float d = h2f(r + 34 * b) * a.d32[b];
+        acc += (float)s0 * d + (float)s1 * d;
     }
     return acc;
 #endif
