@@ -159,6 +159,20 @@ def test_moe_native_bad_ids_still_raise(experts):
         torch.ops.ferrum.moe_qlinear(torch.randn(1, H), torch.tensor([[0, E]]), gate, int(Q.Q4_K), inter, H)
 
 
+@pytest.mark.parametrize("qt", [Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+def test_portable_build_matches_the_simd_build(qt):
+    # The lowest level (no AVX2 on x86; the code an arm64 CPU runs) is plain C++: same
+    # arithmetic in the same order, so it matches the loaded library to float rounding.
+    lowest = native.isa_levels()[-1]
+    lib = native.library_for(lowest)
+    n, k, m = 24, 512, 5
+    raw, x = _raw(qt, n, k), torch.randn(m, k)
+    out = torch.empty(m, n)
+    assert lib.fm_qmatmul(int(qt), raw.data_ptr(), n, k, x.data_ptr(), m, out.data_ptr(), 2) == 0
+    assert _rel(out, x @ _gguf_weight(raw, qt, n, k).T) <= REL_TOL
+    torch.testing.assert_close(out, torch.ops.ferrum.qlinear(x, raw, int(qt), n, k), rtol=1e-5, atol=1e-4)
+
+
 def test_fallback_when_the_library_does_not_build(monkeypatch, tmp_path, caplog):
     broken = tmp_path / "qkernels.cpp"
     broken.write_text("this is not C++\n")

@@ -126,7 +126,7 @@ def isa_levels() -> list[str]:
 def _target_flags(isa: str, zig: bool) -> list[str]:
     if zig:
         return {"x86-64-v3": ["-mcpu=x86_64_v3"], "x86-64": ["-mcpu=baseline"],
-                "armv8.2-a+dotprod": ["-mcpu=generic+v8.2a+dotprod+fp16"], "armv8-a": ["-mcpu=generic"],
+                "armv8.2-a+dotprod": ["-mcpu=generic+v8_2a+dotprod+fullfp16"], "armv8-a": ["-mcpu=generic"],
                 "generic": ["-mcpu=baseline"]}[isa]
     if isa.startswith("x86-64"):
         return [f"-march={isa}"]
@@ -194,6 +194,13 @@ def _declare(lib: ctypes.CDLL) -> None:
         f.restype = ctypes.c_int
     if lib.fm_abi_version() != 1:
         raise OSError("stale native library (ABI version mismatch)")
+
+
+def library_for(isa: str) -> ctypes.CDLL:
+    """The library built for one instruction-set level (tests run the portable code this way)."""
+    lib = ctypes.CDLL(str(_build(isa)))
+    _declare(lib)
+    return lib
 
 
 def available() -> bool:
