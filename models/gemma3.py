@@ -7,7 +7,8 @@ loads them), so the shared plain RMSNorm is exact here.
 
 from __future__ import annotations
 
-from .base import GGUFConfig, GGUFForCausalLM, common_config, embed_scale_of, meta
+from .config import GGUFConfig, common_config, embed_scale_of, meta
+from .modeling import GGUFForCausalLM
 
 SWA_PATTERN = 6  # llama.cpp and transformers: every 6th layer attends globally
 LOCAL_ROPE_BASE = 10000.0

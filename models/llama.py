@@ -6,7 +6,8 @@ interleaved pairs of the stored weights equals transformers' rotate_half on the 
 
 from __future__ import annotations
 
-from .base import GGUFConfig, GGUFForCausalLM, common_config
+from .config import GGUFConfig, common_config
+from .modeling import GGUFForCausalLM
 
 
 class LlamaForCausalLM(GGUFForCausalLM):

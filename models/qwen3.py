@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import GGUFConfig, GGUFForCausalLM, common_config
+from .config import GGUFConfig, common_config
+from .modeling import GGUFForCausalLM
 
 
 class Qwen3ForCausalLM(GGUFForCausalLM):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import GGUFConfig, GGUFForCausalLM, common_config, meta
+from .config import GGUFConfig, common_config, meta
+from .modeling import GGUFForCausalLM
+from .tensors import layer_name
 
 
 class Qwen3MoeForCausalLM(GGUFForCausalLM):
@@ -16,9 +18,9 @@ class Qwen3MoeForCausalLM(GGUFForCausalLM):
         c = common_config(md, tensors, arch)
         n = c["num_hidden_layers"]
         # llama.cpp writes no key for dense layers: a block with ffn_gate but no router is one.
-        dense = [i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" not in tensors and f"blk.{i}.ffn_gate.weight" in tensors]
+        dense = [i for i in range(n) if layer_name(i, "router") not in tensors and layer_name(i, "gate") in tensors]
         if dense and not c["intermediate_size"]:
-            c["intermediate_size"] = tensors[f"blk.{dense[0]}.ffn_gate.weight"].shape[0]
+            c["intermediate_size"] = tensors[layer_name(dense[0], "gate")].shape[0]
         return GGUFConfig(
             **c,
             qk_norm=True,
@@ -30,10 +32,11 @@ class Qwen3MoeForCausalLM(GGUFForCausalLM):
             mlp_only_layers=dense,
         )
 
-    def make_moe(self, c: GGUFConfig, i: int, tensors: dict, dtype):
+    def make_moe(self, c: GGUFConfig, w: dict, dtype):
         from ferrum_mps.nn.moe import FusedMoE
 
-        moe = FusedMoE.from_gguf(tensors, f"blk.{i}", top_k=c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob)
+        moe = FusedMoE.from_qtensors(w["router"], w["gate_exps"], w["up_exps"], w["down_exps"],
+                                     top_k=c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob)
         if isinstance(moe.gate, nn.Linear):  # the float router computes in the activation dtype, as in transformers
             moe.gate.to(dtype)
         return moe

@@ -31,7 +31,7 @@ def tampered(monkeypatch, path, drop=(), metadata=None):
         tensors={n: t for n, t in f.tensors.items() if n not in drop},
         metadata={**f.metadata, **(metadata or {})},
     )
-    monkeypatch.setattr(gguf_file, "read_gguf", lambda p: f)
+    monkeypatch.setattr(gguf_file, "read_gguf", lambda p, **kw: f)
 
 
 def test_defaults_cpu_float32_weights_stay_raw(synth):
@@ -100,7 +100,7 @@ def test_metadata_inconsistent_with_shapes(synth, monkeypatch, key, value, needl
 def test_missing_metadata_key_is_named(synth, monkeypatch):
     f = gguf_file.read_gguf(synth.path)
     md = {k: v for k, v in f.metadata.items() if k != "qwen3moe.expert_count"}
-    monkeypatch.setattr(gguf_file, "read_gguf", lambda p: dataclasses.replace(f, metadata=md))
+    monkeypatch.setattr(gguf_file, "read_gguf", lambda p, **kw: dataclasses.replace(f, metadata=md))
     with pytest.raises(ValueError, match="qwen3moe.expert_count"):
         loading.load_model(synth.path, device="cpu", progress=False)
 

@@ -6,10 +6,11 @@ import warnings
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.generation.streamers import BaseStreamer
 
 import ferrum_mps.loading as loading
-from ferrum_mps.models import Qwen3MoeForCausalLM
+from ferrum_mps.models import Qwen3MoeForCausalLM, StaticCache
 from ferrum_mps.nn.moe import FusedMoE
 from ferrum_mps import metal
 from ferrum_mps.testing.synthetic import synthetic_gguf
@@ -76,6 +77,35 @@ def test_logits_to_keep_and_incremental_cache(model):
     torch.testing.assert_close(step, full[:, 6:], atol=1e-4, rtol=0)
 
 
+def test_cache_is_accepted_under_both_names_and_returned_under_the_installed_one(model):
+    # transformers >= 5.24's generate() passes `cache=` and reads `output.cache`; older ones use
+    # `past_key_values`. A cache received under either name must be used (else every step after
+    # the first runs without its history) and handed back where generate() looks for it.
+    ids = prompt(9, 3)
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :6], use_cache=True)
+        kv = out.get("cache", None) if "cache" in type(out).__dataclass_fields__ else out.get("past_key_values", None)
+        assert kv is not None and kv.get_seq_length() == 6
+        step = model(ids[:, 6:7], cache=kv, use_cache=True)
+        torch.testing.assert_close(step.logits, full[:, 6:7], atol=1e-4, rtol=0)
+        step = model(ids[:, 7:], past_key_values=kv, use_cache=True).logits
+        torch.testing.assert_close(step, full[:, 7:], atol=1e-4, rtol=0)
+        with pytest.raises(ValueError, match="cache once"):
+            model(ids[:, :1], cache=kv, past_key_values=model.static_cache(1, 8))
+
+
+def test_static_cache_follows_to_dtype(model):
+    # After .to() the cache must write into the moved tensors (it kept stale copies once).
+    ids = prompt(3, 2)
+    with torch.no_grad():
+        want = model.decode_step(ids, model.static_cache(1, 8), torch.arange(3))
+        moved = model.static_cache(1, 8).to(torch.float64).to(torch.float32)
+        torch.testing.assert_close(model.decode_step(ids, moved, torch.arange(3)), want, atol=1e-5, rtol=0)
+        assert moved.k[0].dtype == torch.float32
+        assert moved.k[0][:, :, :3].abs().sum() > 0 and moved.k[0][:, :, 3:].abs().sum() == 0
+
+
 def test_greedy_generate_matches_transformers(model, ref):
     ids = prompt(7, 1)
     ours = model.generate(ids, **GREEDY)
@@ -127,29 +157,65 @@ def test_streamer_and_sampling_through_generate(model, synth):
     assert tok.chat_template and "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
 
 
-def run_static(model, ids, steps, step_fn, max_len=32):
-    cache = model.static_cache(1, max_len)
-    T = ids.shape[1]
-    with torch.no_grad():
-        logits = model(ids, past_key_values=cache, cache_position=torch.arange(T)).logits[:, -1:]
-        toks, all_logits = [logits.argmax(-1)], []
-        for p in range(T, T + steps):
-            logits = step_fn(toks[-1], cache, torch.tensor([p]))
-            all_logits.append(logits)
-            toks.append(logits.argmax(-1))
-    return torch.cat(all_logits, 1), torch.cat(toks, 1)
+def generate_with_logits(model, ids, n, **kw):
+    out = model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n, output_logits=True,
+                         return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.logits, 1), getattr(out, "cache", None) or out.past_key_values
 
 
-def test_compiled_static_decode_equals_eager_and_dynamic_cache(model):
-    step = model.decode_step
+def test_generate_defaults_to_a_static_cache_sized_from_the_request(model, ref):
     ids = prompt(7, 1)
-    eager_logits, eager_toks = run_static(model, ids, 4, step)
-    assert eager_toks[0].tolist() == model.generate(ids, do_sample=False, max_new_tokens=5, min_new_tokens=5)[0, 7:].tolist()
+    toks, logits, cache = generate_with_logits(model, ids, 5)
+    # every token but the last is fed back: prompt + 4 slots, all filled, none to spare
+    assert isinstance(cache, StaticCache) and cache.max_len == cache.seen == 7 + 4
+    assert toks.tolist() == ref.generate(ids, **dict(GREEDY, max_new_tokens=5, min_new_tokens=5)).tolist()
+    dyn_toks, dyn_logits, dyn = generate_with_logits(model, ids, 5, cache_implementation="dynamic")
+    assert not isinstance(dyn, StaticCache) and dyn_toks.tolist() == toks.tolist()
+    torch.testing.assert_close(logits, dyn_logits, atol=1e-4, rtol=0)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts aten ops that read a tensor value on the host (ferrum ops are not entered: a mode
+    is off while it handles an op, and their CPU impls' input checks do not exist on MPS)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("_local_scalar_dense", "is_nonzero", "item", "equal"):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_static_cache_forward_reads_nothing_back_from_the_device(model):
+    mode, active = HostSyncs(), []
+    pre = model.register_forward_pre_hook(lambda *a: active.append(mode.__enter__()))
+    post = model.register_forward_hook(lambda *a: mode.__exit__(None, None, None))
+    try:
+        ids = prompt(5, 3)
+        batch = torch.cat([ids, torch.cat([torch.full((1, 2), 1024), ids[:, :3]], 1)])
+        mask = torch.ones_like(batch)
+        mask[1, :2] = 0
+        model.generate(batch, attention_mask=mask, **SHORT)
+    finally:
+        pre.remove(), post.remove()
+    assert len(active) == 6 and mode.n == 0
+
+
+def test_compiled_decode_inside_generate_equals_eager(model):
+    ids = prompt(7, 1)
+    eager_toks, eager_logits, _ = generate_with_logits(model, ids, 5)
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)  # fullgraph: any graph break raises
-    comp_logits, comp_toks = run_static(model, ids, 4, compiled)
-    assert comp_toks.tolist() == eager_toks.tolist()
+    model.compile_decode()  # fullgraph: any graph break raises
+    try:
+        comp_toks, comp_logits, cache = generate_with_logits(model, ids, 5)
+        again, _, _ = generate_with_logits(model, prompt(7, 9), 5)  # same shapes: the graph is reused
+    finally:
+        model.compile_decode(enabled=False)
+    assert comp_toks.tolist() == eager_toks.tolist() and cache.seen == 7 + 4
     torch.testing.assert_close(comp_logits, eager_logits, atol=1e-4, rtol=0)
+    assert again.tolist() == generate_with_logits(model, prompt(7, 9), 5)[0].tolist()
 
 
 def test_loaded_model_is_frozen_so_compiling_needs_no_no_grad(model):

@@ -99,7 +99,11 @@ class FusedMoE(nn.Module):
         missing = [n for n in names if n not in tensors]
         if missing:
             raise KeyError(f"GGUF tensors missing for a MoE block: {', '.join(missing)}")
-        router, gate, up, down = (tensors[n] for n in names)
+        return cls.from_qtensors(*(tensors[n] for n in names), top_k=top_k, norm_topk_prob=norm_topk_prob)
+
+    @classmethod
+    def from_qtensors(cls, router, gate, up, down, top_k: int, norm_topk_prob: bool = True) -> "FusedMoE":
+        """Build from the four QTensors of one block: router [E, H], gate/up [E, inter, H], down [E, H, inter]."""
         return cls(_router(router), gate.raw, up.raw, down.raw, gate.qtype, up.qtype, down.qtype, top_k, norm_topk_prob)
 
     @classmethod
