@@ -1,10 +1,12 @@
-"""torch.compile(fullgraph=True) on the decode step, with a static KV cache: speedup vs eager.
+"""generate() with a torch.compile'd decode step: speedup vs eager, same tokens.
 
     python examples/compile_decode.py                          # a small synthetic Qwen3-MoE (fast)
     python examples/compile_decode.py --model model.gguf --tokens 32
 
-Prefill runs eagerly into a preallocated cache; then the same greedy decode runs eagerly and
-compiled, and the two must pick the same tokens.
+model.generate() decodes on a StaticCache (K/V preallocated for prompt + max_new_tokens and
+written in place). After `model.compile_decode()` each of its one-token steps runs
+`torch.compile(model.decode_step, fullgraph=True)`: one graph per step, prefill stays eager.
+The first compiled generate() pays for compiling; later calls of the same shapes reuse the graph.
 """
 
 import argparse
@@ -22,41 +24,39 @@ args = parser.parse_args()
 
 path = args.model or synthetic_gguf("qwen3moe").path
 model = ferrum_mps.load_model(path, progress=False)
-dev = model.device
-prompt = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], device=dev) % model.config.vocab_size
-max_len = prompt.shape[1] + args.tokens + 1
-cache = model.static_cache(1, max_len)
+prompt = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], device=model.device) % model.config.vocab_size
 
 
-def step(ids, pos):
-    return model(input_ids=ids, past_key_values=cache, cache_position=pos).logits[:, -1]
+class Clock:
+    """A generate() streamer that only time-stamps: the first put is the prompt, the rest new tokens."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
 
 
-def decode(fn, n):
-    """Greedy tokens and seconds per token after an eager prefill (the clock starts after the first step)."""
+def decode(n):
+    """Greedy tokens and seconds per decode step (prefill and the first step are not timed)."""
+    clock = Clock()
     with torch.inference_mode():
-        logits = model(input_ids=prompt, past_key_values=cache,
-                       cache_position=torch.arange(prompt.shape[1], device=dev)).logits[:, -1]
-        tok = logits.argmax(-1, keepdim=True)
-        tokens = [tok.item()]
-        t0 = None
-        for i in range(n):
-            pos = torch.tensor([prompt.shape[1] + i], device=dev)
-            tok = fn(tok, pos).argmax(-1, keepdim=True)
-            tokens.append(tok.item())  # .item() syncs: the clock measures finished work
-            if t0 is None:
-                t0 = time.perf_counter()  # the first step may compile: not timed
-        return tokens, (time.perf_counter() - t0) / max(n - 1, 1)
+        out = model.generate(prompt, max_new_tokens=n + 2, min_new_tokens=n + 2, do_sample=False, streamer=clock)
+    t = clock.times[2:]  # [prompt, first token (prefill), second token (first step: may compile), ...]
+    return out[0, prompt.shape[1]:].tolist(), (t[-1] - t[0]) / max(len(t) - 1, 1)
 
 
-eager_tokens, eager_s = decode(step, args.tokens)
+eager_tokens, eager_s = decode(args.tokens)
+model.compile_decode()
 t0 = time.perf_counter()
-compiled = torch.compile(step, fullgraph=True, dynamic=False)
-decode(compiled, 2)  # compile + warm up
+decode(args.tokens)  # compile + warm up (same prompt and length: same cache shape, same graph)
 compile_s = time.perf_counter() - t0
-compiled_tokens, compiled_s = decode(compiled, args.tokens)
+compiled_tokens, compiled_s = decode(args.tokens)
 
-print(f"model: {path} on {dev}")
+print(f"model: {path} on {model.device}")
 print(f"eager:    {1 / eager_s:8.1f} tokens/s")
 print(f"compiled: {1 / compiled_s:8.1f} tokens/s  (compile {compile_s:.1f} s, fullgraph=True)")
 print(f"speedup:  {eager_s / compiled_s:.2f}x; same tokens: {eager_tokens == compiled_tokens}")

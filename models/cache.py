@@ -44,13 +44,18 @@ class StaticCache(Cache):
             self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
             self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
 
-    def update(self, k, v, layer_idx, cache_kwargs):
-        pos = cache_kwargs["cache_position"]
+    def layer(self, layer_idx: int, k):
+        """(K, V) tensors of a layer, allocated like `k` ([B, Hkv or T, ..., D]: batch, dtype, device) if new."""
         kc, vc = self.k[layer_idx], self.v[layer_idx]
         if kc is None:
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            shape = (k.shape[0], self._head[0], self.max_len, self._head[1])
             kc = self.k[layer_idx] = torch.zeros(shape, device=k.device, dtype=k.dtype)
-            vc = self.v[layer_idx] = torch.zeros(shape, device=v.device, dtype=v.dtype)
+            vc = self.v[layer_idx] = torch.zeros(shape, device=k.device, dtype=k.dtype)
+        return kc, vc
+
+    def update(self, k, v, layer_idx, cache_kwargs):
+        pos = cache_kwargs["cache_position"]
+        kc, vc = self.layer(layer_idx, k)
         kc.index_copy_(2, pos, k)
         vc.index_copy_(2, pos, v)
         return kc, vc

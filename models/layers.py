@@ -6,29 +6,48 @@ QuantLinear / FusedMoE, only the tiny F32 norms and biases become float paramete
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import ferrum_mps.ops  # noqa: F401  (registers torch.ops.ferrum.*)
+
+from .cache import StaticCache
 from .config import GGUFConfig
 
+_ops = torch.ops.ferrum
 
-@dataclass
+
 class Step:
     """What every layer of one forward shares, built once per forward by the model.
 
-    Two kinds of layer: 0 = global attention, 1 = sliding-window attention (gemma3); `ropes`,
-    `cos_sin` and `masks` are indexed by the kind.
+    Two kinds of layer: 0 = global attention, 1 = sliding-window attention (gemma3). Rope tables
+    and boolean masks are made on first use: the fused static-cache path needs neither.
     """
 
-    cache: Any  # None, a transformers Cache or our StaticCache: update(k, v, layer_idx, {"cache_position": ...})
-    cache_position: Tensor  # [T] long: the cache slots of the new tokens
-    ropes: tuple  # (global RoPE, sliding RoPE)
-    cos_sin: tuple  # per kind: (cos, sin) [B, T, 1, D/2] float32
-    masks: tuple  # per kind: bool [B, 1, T, S], True = attend
+    def __init__(self, cache, cache_position: Tensor, position_ids: Tensor, attention_mask, ropes: tuple,
+                 windows: tuple, make_masks):
+        self.cache = cache  # None, a transformers Cache or our StaticCache
+        self.static = isinstance(cache, StaticCache)
+        self.cache_position = cache_position  # [T] long: the cache slots of the new tokens
+        self.position_ids = position_ids  # [B, T] long: rope positions
+        self.attention_mask = attention_mask  # [B, >= S] (1 = real token) or None
+        self.ropes = ropes  # per kind
+        self.windows = windows  # per kind: sliding window in tokens, 0 = none
+        self._make_masks, self._masks, self._cos_sin = make_masks, None, {}
+
+    def cos_sin(self, kind: int):
+        """(cos, sin) [B, T, 1, D/2] float32 of the layer kind's rope (one table when both kinds share it)."""
+        key = 0 if self.ropes[kind] is self.ropes[0] else kind
+        if key not in self._cos_sin:
+            self._cos_sin[key] = self.ropes[key].cos_sin(self.position_ids)
+        return self._cos_sin[key]
+
+    def mask(self, kind: int):
+        """Boolean [B, 1, T, S], True = attend."""
+        if self._masks is None:
+            self._masks = self._make_masks()
+        return self._masks[kind]
 
 
 def float_param(qt, dtype) -> nn.Parameter:
@@ -41,10 +60,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight, self.eps = weight, eps
 
-    def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x):  # weight * T(x * rsqrt(mean(x^2) + eps)), float32 statistics, in one launch
+        return _ops.rms_norm(x, self.weight, self.eps)
+
+    def add(self, x, residual):
+        """(norm(residual + x), residual + x) in one launch."""
+        return _ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RoPE(nn.Module):
@@ -88,23 +109,44 @@ class Attention(nn.Module):
         self.layer_idx = i
         self.nh, self.nkv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
-        bias = lambda r: float_param(w[r + "_bias"], dtype) if c.attention_bias else None  # noqa: E731
-        self.q_proj, self.k_proj, self.v_proj = (make_linear(w[r], bias(r)) for r in ("q", "k", "v"))
+        self.eps = c.rms_norm_eps
+        self.q_proj, self.k_proj, self.v_proj = (make_linear(w[r]) for r in ("q", "k", "v"))
+        # biases (qwen2) are added after the fused q/k/v mat-vec
+        self.q_bias, self.k_bias, self.v_bias = (
+            (float_param(w[r + "_bias"], dtype) for r in ("q", "k", "v")) if c.attention_bias else (None, None, None))
         self.o_proj = make_linear(w["o"])
         self.q_norm = RMSNorm(float_param(w["q_norm"], dtype), c.rms_norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(float_param(w["k_norm"], dtype), c.rms_norm_eps) if c.qk_norm else None
+        # decode_attention's Metal kernel takes head dims that are multiples of 16 up to 256
+        self.fused_attention = self.hd % 16 == 0 and self.hd <= 256
+
+    def qkv(self, x):
+        p, k, v = self.q_proj, self.k_proj, self.v_proj
+        q, k, v = _ops.qkv_linear(x, p.raw, p.qtype, k.raw, k.qtype, v.raw, v.qtype, p.out_features, k.out_features, p.in_features)
+        if self.q_bias is not None:
+            q, k, v = q + self.q_bias, k + self.k_bias, v + self.v_bias
+        return q, k, v
 
     def forward(self, x, step: Step, kind: int):
         B, T, _ = x.shape
-        rope, cs = step.ropes[kind], step.cos_sin[kind]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv(x)
         q, k, v = q.view(B, T, self.nh, self.hd), k.view(B, T, self.nkv, self.hd), v.view(B, T, self.nkv, self.hd)
+        rope = step.ropes[kind]
+        if step.static and self.fused_attention:
+            # q/k norm + rope + K/V written into their cache slots, then attention over the cache: 2 launches
+            kc, vc = step.cache.layer(self.layer_idx, k)
+            qn, kn = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+            q = _ops.qk_norm_rope_cache(q, k, v, qn, kn, self.eps, rope.inv_freq, step.position_ids, rope.interleaved,
+                                        kc, vc, step.cache_position)
+            o = _ops.decode_attention(q, kc, vc, step.cache_position, step.attention_mask, step.windows[kind], self.scale)
+            return self.o_proj(o)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        cs = step.cos_sin(kind)
         q, k, v = rope(q, cs).transpose(1, 2), rope(k, cs).transpose(1, 2), v.transpose(1, 2)
         if step.cache is not None:
             k, v = step.cache.update(k, v, self.layer_idx, {"cache_position": step.cache_position})
-        o = sdpa_gqa(q, k, v, step.masks[kind], self.scale)
+        o = sdpa_gqa(q, k, v, step.mask(kind), self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -115,10 +157,14 @@ class MLP(nn.Module):
     def __init__(self, w: dict, act: str, make_linear):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = (make_linear(w[r]) for r in ("gate", "up", "down"))
-        self.act = ACTIVATIONS[act]
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(ACTIVATIONS)}")
+        self.act_name = act
 
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x):  # act(x Wg^T) * (x Wu^T) in one launch, then the down projection
+        g, u = self.gate_proj, self.up_proj
+        h = _ops.gate_up_act(x, g.raw, g.qtype, u.raw, u.qtype, g.out_features, g.in_features, self.act_name)
+        return self.down_proj(h)
 
 
 class Block(nn.Module):
@@ -131,8 +177,17 @@ class Block(nn.Module):
         self.post_attn_norm = norm("post_attn_norm") if c.sandwich_norms else None
         self.post_ffn_norm = norm("post_ffn_norm") if c.sandwich_norms else None
 
-    def forward(self, x, step: Step):
-        h = self.self_attn(self.input_layernorm(x), step, int(self.sliding))
-        x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
-        h = self.mlp(self.post_attention_layernorm(x))
-        return x + (h if self.post_ffn_norm is None else self.post_ffn_norm(h))
+    def forward(self, x, step: Step, pending=None):
+        """x: the residual stream; pending: the previous block's output, not yet added to it.
+        Returns (x, h) where h is this block's output still to add: the next block (or the final
+        norm) adds it and normalises in one launch."""
+        if pending is None:
+            n = self.input_layernorm(x)
+        else:
+            n, x = self.input_layernorm.add(pending, x)
+        h = self.self_attn(n, step, int(self.sliding))
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        n, x = self.post_attention_layernorm.add(h, x)
+        h = self.mlp(n)
+        return x, (h if self.post_ffn_norm is None else self.post_ffn_norm(h))

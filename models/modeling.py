@@ -7,6 +7,8 @@ experts). generate() runs on a StaticCache by default (preallocated, written in 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
@@ -166,19 +168,18 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         cache, cache_position, S, seen_after = self._cache_slots(cache, use_cache, cache_position, T, h.device)
         attention_mask = self._padding_mask(attention_mask, B, S, seen_after)
         position_ids = self._positions(position_ids, attention_mask, cache_position, B, T)
-        cos_sin = self.rope.cos_sin(position_ids)
-        local = self.rope_local or self.rope
-        step = Step(cache, cache_position, (self.rope, local),
-                    (cos_sin, self.rope_local.cos_sin(position_ids) if self.rope_local is not None else cos_sin),
-                    self._masks(cache_position, S, attention_mask, B))
+        c = self.config
+        step = Step(cache, cache_position, position_ids, attention_mask, (self.rope, self.rope_local or self.rope),
+                    (0, c.swa_window or 0), lambda: self._masks(cache_position, S, attention_mask, B))
+        pending = None
         for layer in self.layers:
-            h = layer(h, step)
+            h, pending = layer(h, step, pending)
         if seen_after is not None:
             cache.seen = seen_after
-        return self._logits(h, logits_to_keep, cache if use_cache else None)
+        return self._logits(h, pending, logits_to_keep, cache if use_cache else None)
 
-    def _logits(self, h, logits_to_keep, cache):
-        h = self.norm(h)
+    def _logits(self, h, pending, logits_to_keep, cache):
+        h = self.norm(h) if pending is None else self.norm.add(pending, h)[0]
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
         else:
@@ -254,3 +255,6 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
             # transformers < 5.24 passes cache_position tensors; our cache counts its slots on the host instead
             inputs.pop("cache_position", None)
         return inputs
+
+    # generate() reads this signature (e.g. whether inputs_embeds is accepted): keep transformers' one
+    prepare_inputs_for_generation.__signature__ = inspect.signature(GenerationMixin.prepare_inputs_for_generation)

@@ -118,6 +118,22 @@ def test_sliding_window_prompt_matches_transformers(model, ref):
     assert (unwindowed - theirs).abs().max().item() > 50 * err
 
 
+def test_sliding_window_on_the_static_cache_matches_transformers(model, ref):
+    # generate()'s path: q/k norm + rope (local base on sliding layers) + cache write fused, decode
+    # attention with the window over the preallocated cache; prefill past the window, then one step.
+    ids = torch.randint(3, 200_000, (1, 516), generator=torch.Generator().manual_seed(1))
+    ids[0, 0] = 2
+    with torch.no_grad():
+        cache = model.static_cache(1, ids.shape[1] + 1)
+        ours = model(ids, past_key_values=cache, logits_to_keep=1).logits
+        nxt = ours[:, -1:].argmax(-1)
+        ours_step = model(nxt, past_key_values=cache).logits
+        theirs = ref(torch.cat([ids, nxt], 1), logits_to_keep=2).logits
+    assert cache.seen == ids.shape[1] + 1
+    assert (ours[:, -1] - theirs[:, 0]).abs().max().item() < 2e-3
+    assert (ours_step[:, -1] - theirs[:, 1]).abs().max().item() < 2e-3
+
+
 @pytest.mark.native
 def test_native_cpu_kernels_keep_greedy_continuation(model, ref, prompt_ids):
     # The native kernels quantize activations to int8 per 32 values (as llama.cpp): logits move

@@ -174,6 +174,14 @@ def test_generate_defaults_to_a_static_cache_sized_from_the_request(model, ref):
     torch.testing.assert_close(logits, dyn_logits, atol=1e-4, rtol=0)
 
 
+def test_generate_from_inputs_embeds(model):
+    ids = prompt(5, 7)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+    from_embeds = model.generate(inputs_embeds=embeds, **SHORT)  # only the new tokens
+    assert from_embeds.tolist() == model.generate(ids, **SHORT)[:, 5:].tolist()
+
+
 class HostSyncs(TorchDispatchMode):
     """Counts aten ops that read a tensor value on the host (ferrum ops are not entered: a mode
     is off while it handles an op, and their CPU impls' input checks do not exist on MPS)."""
@@ -230,6 +238,11 @@ def test_loaded_model_is_frozen_so_compiling_needs_no_no_grad(model):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+# every op the model can call, fused ones included (each has its MPS function in ferrum_mps.metal)
+METAL_OPS = ("qlinear", "qembedding", "moe_route", "moe_ffn", "rms_norm", "add_rms_norm", "qk_norm_rope_cache",
+             "moe_gate_route", "decode_attention", "qkv_linear", "gate_up_act")
+
+
 @contextlib.contextmanager
 def metal_kernels_on_cpu():
     """Route the ferrum ops of CPU tensors through their MPS implementations (launch code + Metal sources)."""
@@ -245,7 +258,7 @@ def metal_kernels_on_cpu():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
-            for name in ("qlinear", "qembedding", "moe_route", "moe_ffn"):
+            for name in METAL_OPS:
                 lib.impl(name, counted(name), "CPU")
         yield calls
     finally:
@@ -263,17 +276,26 @@ def test_whole_model_on_the_metal_path_equals_cpu_ops(synth, metal_device, dtype
         if metal_device.type == "mps":
             gpu = loading.load_model(synth.path, device="mps", dtype=dtype, progress=False)
             run = lambda x, **kw: gpu(x.to("mps"), **kw)  # noqa: E731
-            ctx = contextlib.nullcontext()
+            ctx, model = contextlib.nullcontext(), gpu
         else:
-            run, ctx = cpu, metal_kernels_on_cpu()
+            run, ctx, model = cpu, metal_kernels_on_cpu(), cpu
         with ctx as calls:
             got = run(ids, use_cache=True)
             got_step = run(ids[:, :1], past_key_values=got.past_key_values).logits
+            # the static cache (generate()'s default): fused q/k norm + rope + cache write, decode attention
+            cache = model.static_cache(1, 8)
+            got_static = run(ids, past_key_values=cache).logits
+            got_static_step = run(ids[:, :1], past_key_values=cache).logits
     if metal_device.type == "cpu":  # every op really went through the Metal launch code
-        assert calls["qembedding"] == 2 and calls["moe_ffn"] == 4 and calls["qlinear"] == 2 * 9
+        assert calls["qembedding"] == 4 and calls["moe_ffn"] == 2 * 4 and calls["moe_gate_route"] == 2 * 4
+        assert calls["qkv_linear"] == 2 * 4 and calls["qlinear"] == 4 * 3  # o_proj x 2 layers + lm_head
+        assert calls["qk_norm_rope_cache"] == calls["decode_attention"] == 2 * 2
+        assert calls["add_rms_norm"] == 4 * 4 and calls["rms_norm"] == 4 * 1 + 2 * 2 * 2  # layer-0 norm; dynamic q/k norms
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.logits.cpu().float(), want.logits.float(), atol=tol, rtol=0)
     torch.testing.assert_close(got_step.cpu().float(), want_step.float(), atol=tol, rtol=0)
+    torch.testing.assert_close(got_static.cpu().float(), want.logits.float(), atol=tol, rtol=0)
+    torch.testing.assert_close(got_static_step.cpu().float(), want_step.float(), atol=tol, rtol=0)
 
 
 def test_dense_layers_inside_a_moe_model():

@@ -74,7 +74,10 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         x = hidden_states.reshape(-1, self.hidden_size)
-        _, weights, ids = self.route(x)
+        if isinstance(self.gate, nn.Linear) and self.gate.bias is None:  # router mat-vec + top-k: one launch
+            weights, ids = torch.ops.ferrum.moe_gate_route(x, self.gate.weight, self.top_k, self.norm_topk_prob)
+        else:
+            _, weights, ids = self.route(x)
         out = torch.ops.ferrum.moe_ffn(
             x, weights, ids, self.gate_raw, self.up_raw, self.down_raw,
             self.gate_qtype, self.up_qtype, self.down_qtype, self.intermediate_size,
