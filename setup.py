@@ -16,6 +16,7 @@ setup(
         "ferrum_mps.metal_ops",
         "ferrum_mps.models",
         "ferrum_mps.server",
+        "ferrum_mps.native",
     ],
     # models/ and metal_ops/ live at the top of the repo but install inside the package.
     package_dir={
@@ -26,6 +27,8 @@ setup(
     package_data={
         "ferrum_mps.metal_ops": ["*.metal", "*.h"],
         "ferrum_mps.testing.metal_sim": ["*.h", "*.cpp"],
+        # compiled on first use (ferrum_mps/native/__init__.py)
+        "ferrum_mps.native": ["*.cpp"],
     },
     # The lower bounds are the versions CI tests (.ci/run pins them in a second venv): torch 2.13 is
     # the oldest with torch.mps._host_alias_storage and the CPU wheel on CI's disk; transformers 5.0
