@@ -12,7 +12,6 @@ qembedding of 1 and 64 ids, and moe_qlinear / moe_ffn on Qwen3-30B-A3B expert di
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
@@ -27,14 +26,7 @@ GEMMA = ("blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.ffn_gate.weight", 
          "blk.0.attn_output.weight", "token_embd.weight")
 
 
-def best(fn, repeat: int) -> float:
-    fn()
-    t = float("inf")
-    for _ in range(repeat):
-        s = time.perf_counter()
-        fn()
-        t = min(t, time.perf_counter() - s)
-    return t
+from bench_ops import timeit as best  # noqa: E402  (best wall time after a warm-up call)
 
 
 def row(name: str, fn, repeat: int) -> None:

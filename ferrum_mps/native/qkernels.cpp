@@ -256,17 +256,22 @@ static inline void k4_scale_min(int j, const uint8_t* s, int* sc, int* m) {
     }
 }
 
+// Q4_K / Q5_K: the 8 sub-blocks' 6-bit scales and mins as per-16-value scale and offset.
+static inline void k4_scales(const uint8_t* s, float d, float dmin, float* d16, float* m16) {
+    for (int j = 0; j < 8; j++) {
+        int sc, m;
+        k4_scale_min(j, s, &sc, &m);
+        d16[2 * j] = d16[2 * j + 1] = d * (float)sc;
+        m16[2 * j] = m16[2 * j + 1] = -(dmin * (float)m);
+    }
+}
+
 static void unpack_q4_k(const uint8_t* r, int64_t nb, int8_t* q, float* d16, float* m16) {
     for (int64_t b = 0; b < nb; b++, r += 144, q += 256, d16 += 16, m16 += 16) {
         const float d = h2f(r), dmin = h2f(r + 2);
         const uint8_t* s = r + 4;
         const uint8_t* qs = r + 16;
-        for (int j = 0; j < 8; j++) {
-            int sc, m;
-            k4_scale_min(j, s, &sc, &m);
-            d16[2 * j] = d16[2 * j + 1] = d * (float)sc;
-            m16[2 * j] = m16[2 * j + 1] = -(dmin * (float)m);
-        }
+        k4_scales(s, d, dmin, d16, m16);
         for (int j = 0; j < 4; j++) {
             for (int l = 0; l < 32; l++) {
                 q[64 * j + l] = (int8_t)(qs[32 * j + l] & 15);
@@ -282,12 +287,7 @@ static void unpack_q5_k(const uint8_t* r, int64_t nb, int8_t* q, float* d16, flo
         const uint8_t* s = r + 4;
         const uint8_t* qh = r + 16;
         const uint8_t* qs = r + 48;
-        for (int j = 0; j < 8; j++) {
-            int sc, m;
-            k4_scale_min(j, s, &sc, &m);
-            d16[2 * j] = d16[2 * j + 1] = d * (float)sc;
-            m16[2 * j] = m16[2 * j + 1] = -(dmin * (float)m);
-        }
+        k4_scales(s, d, dmin, d16, m16);
         for (int j = 0; j < 4; j++) {
             for (int l = 0; l < 32; l++) {
                 q[64 * j + l] = (int8_t)((qs[32 * j + l] & 15) | (((qh[l] >> (2 * j)) & 1) << 4));
