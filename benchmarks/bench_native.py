@@ -2,6 +2,7 @@
 
     python benchmarks/bench_native.py                  # real Gemma-3-270M weights, m = 1 and 64
     python benchmarks/bench_native.py --threads 1 --m 1 8 64
+    python benchmarks/bench_native.py --against OLD.so   # this build vs another build of qkernels.cpp
 
 Per call (best of --repeat): torch.ops.ferrum.qlinear on the real file's tensors (raw GGUF
 bytes, memory-mapped) with the native kernels on and off (`ferrum_mps.native.disabled()`),
@@ -42,9 +43,12 @@ def main() -> None:
     p.add_argument("--m", type=int, nargs="+", default=[1, 64])
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--no-moe", action="store_true")
+    p.add_argument("--against", metavar="SO", help="another build of qkernels.cpp: time fm_qmatmul of both, side by side")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.against:
+        return against(a)
     print(f"native: {native.status()}, threads {torch.get_num_threads()}")
     print("| call | torch path | native | speed-up |\n| --- | --- | --- | --- |")
     reader = GGUFReader(str(default_model_path()))
@@ -82,6 +86,32 @@ def main() -> None:
         row(f"moe_ffn Q4_K/Q6_K T={T}",
             lambda: torch.ops.ferrum.moe_ffn(x, w, ids, gate, up, down, int(Q.Q4_K), int(Q.Q4_K), int(Q.Q6_K), I),
             a.repeat if T == 1 else 2)
+
+
+def against(a) -> None:
+    """fm_qmatmul of the loaded library vs another build on the real tensors (same inputs, same run)."""
+    import ctypes
+
+    new, old = native._load(), ctypes.CDLL(a.against)
+    native._declare(old)
+    nt = torch.get_num_threads()
+    print(f"this build: {native.status()['isa']}, other: {a.against}, threads {nt}")
+    print("| call | other build | this build | speed-up |\n| --- | --- | --- | --- |")
+    tensors = {t.name: t for t in GGUFReader(str(default_model_path())).tensors}
+    for name in GEMMA:
+        t = tensors[name]
+        k, n = (int(v) for v in t.shape)
+        raw = torch.from_numpy(np.asarray(t.data).reshape(-1))
+        for m in a.m:
+            x, out = torch.randn(m, k), torch.empty(m, n)
+            call = lambda lib: lambda: lib.fm_qmatmul(int(t.tensor_type), raw.data_ptr(), n, k, x.data_ptr(), m,  # noqa: E731
+                                                      out.data_ptr(), nt)
+            rep = a.repeat if n * m < 1 << 22 else 3
+            t_old, t_new = best(call(old), rep), best(call(new), rep)
+            t_old = min(t_old, best(call(old), rep))  # alternate: old, new, old, new
+            t_new = min(t_new, best(call(new), rep))
+            print(f"| {name} {t.tensor_type.name} {n}x{k} m={m} | {t_old * 1e3:.3f} ms | {t_new * 1e3:.3f} ms "
+                  f"| {t_old / t_new:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

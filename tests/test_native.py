@@ -82,11 +82,15 @@ def test_qlinear_native_dtypes_threads_and_opcheck():
         torch.set_num_threads(before)
     assert torch.equal(one, two)  # every output is one task's: no thread-count dependence
     # Same accumulation order on every path: a row's result does not depend on the batch (decode == prefill).
-    for q in (Q.Q4_K, Q.Q8_0):
+    # m < 4 runs the fused in-place kernels (Q8_0/Q5_0/Q4_K/Q6_K on AVX2), 6 rows the unpacked
+    # 4-row block (rows 0-3) and single-row (4-5) paths.
+    x6 = torch.randn(6, k)
+    for q in (Q.Q4_K, Q.Q8_0, Q.Q5_0, Q.Q6_K):
         r = _raw(q, n, k)
         assert torch.equal(torch.ops.ferrum.qlinear(x[1:2], r, int(q), n, k), torch.ops.ferrum.qlinear(x, r, int(q), n, k)[1:2])
-        x6 = torch.randn(6, k)
-        assert torch.equal(torch.ops.ferrum.qlinear(x6[5:], r, int(q), n, k), torch.ops.ferrum.qlinear(x6, r, int(q), n, k)[5:])
+        six = torch.ops.ferrum.qlinear(x6, r, int(q), n, k)
+        assert torch.equal(torch.ops.ferrum.qlinear(x6[5:], r, int(q), n, k), six[5:])
+        assert torch.equal(torch.ops.ferrum.qlinear(x6[2:3], r, int(q), n, k), six[2:3])
     for dt in (torch.float16, torch.bfloat16):
         y = torch.ops.ferrum.qlinear(x.to(dt), raw, int(qt), n, k)
         assert y.dtype == dt and _rel(y.float(), one) < 1e-2
