@@ -76,6 +76,21 @@ def test_cpu_matches_sdpa(case):
     check(y, ref, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_decode_fast_path_matches_sdpa(dtype):
+    # T == 1 with an all-ones mask (what generate() passes) takes a slice of the cache and one
+    # SDPA call; a zero inside the window or a mask shorter than the cache must behave as the
+    # general path (the reference above).
+    B, Hq, Hkv, D, S = 2, 4, 2, 64, 40
+    q, k, v = make(B, Hq, Hkv, 1, D, S, dtype)
+    for p, mask, window in (([30], torch.ones(B, S, dtype=torch.long), 8), ([30], torch.ones(B, 20, dtype=torch.bool), 0),
+                            ([30], left_padding(B, S, [0, 25]), 8), ([5], None, 0), ([39], None, 100)):
+        pos = torch.tensor(p)
+        y = torch.ops.ferrum.decode_attention(q, k, v, pos, mask, window, D**-0.5)
+        check(y, reference(q, k, v, pos, mask, window, D**-0.5), dtype)
+    torch.library.opcheck(torch.ops.ferrum.decode_attention, (q, k, v, torch.tensor([12]), torch.ones(B, 13, dtype=torch.long), 4, 0.125))
+
+
 def test_cpu_opcheck():
     q, k, v = make(2, 4, 2, 2, 64, 20)
     mask = left_padding(2, 20, [0, 3])

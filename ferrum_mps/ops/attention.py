@@ -101,6 +101,16 @@ def decode_attention(
     if int(pos.min()) < 0 or int(pos.max()) >= S:
         raise ValueError(f"cache_position {pos.tolist()} outside the cache of {S} slots")
     hi = int(pos.max()) + 1  # never touch the unused tail of the cache
+    if T == 1:
+        # Decode: one query over the slots [lo, hi) with no masked slot in between (the usual case: an
+        # all-ones mask) is plain attention over a slice of the cache: 3 torch ops instead of ~25
+        # (61 -> ~20 us a call, ~0.7 ms of a 24 ms Gemma CPU token).
+        lo = max(0, hi - window) if window > 0 else 0
+        if attention_mask is None or bool(attention_mask[:, lo:hi].all()):  # slots past the mask's end are kept
+            G = Hq // Hkv
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.float().reshape(B, Hkv, G, D), k_cache[:, :, lo:hi].float(), v_cache[:, :, lo:hi].float(), scale=scale)
+            return o.reshape(B, 1, Hq * D).to(q.dtype)
     s = torch.arange(hi)
     allowed = s[None] <= pos[:, None]  # [T, hi]
     if window > 0:
