@@ -93,7 +93,7 @@ def against(a) -> None:
     import ctypes
 
     new, old = native._load(), ctypes.CDLL(a.against)
-    native._declare(old)
+    old.fm_qmatmul.argtypes, old.fm_qmatmul.restype = new.fm_qmatmul.argtypes, new.fm_qmatmul.restype
     nt = torch.get_num_threads()
     print(f"this build: {native.status()['isa']}, other: {a.against}, threads {nt}")
     print("| call | other build | this build | speed-up |\n| --- | --- | --- | --- |")

@@ -190,3 +190,42 @@ def test_fallback_when_the_library_does_not_build(monkeypatch, tmp_path, caplog)
     assert not native.available() and "failed" in native.status()["why"]
     assert any("native CPU kernels unavailable" in r.getMessage() for r in caplog.records)
     assert torch.allclose(y, x @ _gguf_weight(raw, qt, n, k).T, rtol=1e-5, atol=1e-5)
+
+
+def _rope_ref(x, pos, inv_freq, interleaved):
+    """Independent double-precision RoPE of x [..., D] at one position."""
+    f = pos * inv_freq.double()
+    c, s = f.cos(), f.sin()
+    x = x.double()
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), -1).flatten(-2)
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("norm", [True, False])
+def test_qk_norm_rope_cache_native_decode_token(interleaved, norm):
+    # One float32 decode token runs fm_qk_norm_rope_cache; compared with a double reference written
+    # here (per-head RMSNorm, RoPE, cache slot write) and with the torch path of the op.
+    Hq, Hkv, D, S, pos, slot, eps = 4, 2, 64, 16, 50, 9, 1e-6
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 1, h, D, generator=g) for h in (Hq, Hkv, Hkv))
+    qw, kw = (torch.randn(D, generator=g) if norm else None for _ in range(2))
+    inv = 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D)
+    kc, vc = torch.randn(1, Hkv, S, D, generator=g), torch.randn(1, Hkv, S, D, generator=g)
+    kc0, vc0 = kc.clone(), vc.clone()
+    args = (q, k, v, qw, kw, eps, inv, torch.tensor([[pos]]), interleaved)
+    y = torch.ops.ferrum.qk_norm_rope_cache(*args, kc, vc, torch.tensor([slot]))
+    rms = lambda x, w: x.double() * (x.double().pow(2).mean(-1, keepdim=True) + eps).rsqrt() * w.double() if norm else x  # noqa: E731
+    torch.testing.assert_close(y, _rope_ref(rms(q, qw), pos, inv, interleaved).transpose(1, 2).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kc[:, :, slot], _rope_ref(rms(k, kw), pos, inv, interleaved)[:, 0].float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(vc[:, :, slot], v[:, 0])
+    others = [i for i in range(S) if i != slot]
+    assert torch.equal(kc[:, :, others], kc0[:, :, others]) and torch.equal(vc[:, :, others], vc0[:, :, others])
+    kc2, vc2 = kc0.clone(), vc0.clone()
+    with native.disabled():
+        ref = torch.ops.ferrum.qk_norm_rope_cache(*args, kc2, vc2, torch.tensor([slot]))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kc, kc2, rtol=1e-5, atol=1e-5)

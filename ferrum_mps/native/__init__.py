@@ -44,7 +44,7 @@ SOURCE = HERE / "qkernels.cpp"
 QTYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 
 __all__ = ["QTYPES", "available", "enabled", "set_enabled", "disabled", "status", "isa_levels",
-           "qmatmul", "moe_matmul", "get_rows"]
+           "qmatmul", "moe_matmul", "get_rows", "qk_norm_rope_cache"]
 
 _state = {"enabled": True}
 _lock = threading.Lock()
@@ -190,9 +190,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fm_qmatmul.argtypes = [i32, p, i64, i64, p, i64, p, i32]
     lib.fm_moe_matmul.argtypes = [i32, p, i64, i64, i64, p, i64, p, i64, i64, i32, p, i32]
     lib.fm_get_rows.argtypes = [i32, p, i64, p, i64, p, i32]
-    for f in (lib.fm_qmatmul, lib.fm_moe_matmul, lib.fm_get_rows):
+    f32 = ctypes.c_float
+    lib.fm_qk_norm_rope_cache.argtypes = [p, p, p, i64, i64, i64, p, p, f32, p, i64, i32, p, p, i64, i64, p]
+    for f in (lib.fm_qmatmul, lib.fm_moe_matmul, lib.fm_get_rows, lib.fm_qk_norm_rope_cache):
         f.restype = ctypes.c_int
-    if lib.fm_abi_version() != 1:
+    if lib.fm_abi_version() != 2:
         raise OSError("stale native library (ABI version mismatch)")
 
 
@@ -273,4 +275,30 @@ def get_rows(raw: torch.Tensor, qt, dim: int, ids64: torch.Tensor) -> torch.Tens
     if ids64.numel():
         _check(lib.fm_get_rows(int(qt), raw.data_ptr(), dim, ids64.data_ptr(), ids64.numel(), out.data_ptr(),
                                torch.get_num_threads()), "get_rows")
+    return out
+
+
+def qk_norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position, interleaved, k_cache, v_cache,
+                       slot) -> torch.Tensor | None:
+    """ferrum::qk_norm_rope_cache for one float32 token (B = T = 1), arguments already checked by the op;
+    position and slot are ints. Returns q rotated [1, Hq, 1, D], or None when the native path does not apply
+    (disabled, unavailable, not all float32, caches not contiguous)."""
+    if not _state["enabled"]:
+        return None
+    ts = (q, k, v, inv_freq, k_cache, v_cache) + tuple(w for w in (q_norm_weight, k_norm_weight) if w is not None)
+    if any(t.dtype != torch.float32 for t in ts) or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    _, _, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    q, k, v, inv_freq = q.contiguous(), k.contiguous(), v.contiguous(), inv_freq.contiguous()
+    qw = q_norm_weight.contiguous() if q_norm_weight is not None else None
+    kw = k_norm_weight.contiguous() if k_norm_weight is not None else None
+    out = torch.empty((1, Hq, 1, D), dtype=torch.float32)
+    _check(lib.fm_qk_norm_rope_cache(q.data_ptr(), k.data_ptr(), v.data_ptr(), Hq, Hkv, D,
+                                     qw.data_ptr() if qw is not None else None, kw.data_ptr() if kw is not None else None,
+                                     eps, inv_freq.data_ptr(), position, int(interleaved), k_cache.data_ptr(),
+                                     v_cache.data_ptr(), S, slot, out.data_ptr()), "qk_norm_rope_cache")
     return out

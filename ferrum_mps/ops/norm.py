@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import shaders
+from .. import native, shaders
 from ..kernels import DTYPE_NAMES
 
 __all__ = [
@@ -252,6 +252,11 @@ def qk_norm_rope_cache_cpu(
     )
     if T and (int(cache_position.min()) < 0 or int(cache_position.max()) >= S):
         raise ValueError(f"cache_position {cache_position.tolist()} outside the cache of {S} slots")
+    if B == 1 and T == 1:  # a decode token: one native call when float32 (70 -> ~15 us)
+        out = native.qk_norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, int(position_ids.view(-1)[0]),
+                                        interleaved, k_cache, v_cache, int(cache_position[0]))
+        if out is not None:
+            return out
     if q_norm_weight is not None:
         q = _rms(q, q_norm_weight, eps)
     if k_norm_weight is not None:
