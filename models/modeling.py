@@ -179,7 +179,7 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         return self._logits(h, pending, logits_to_keep, cache if use_cache else None)
 
     def _logits(self, h, pending, logits_to_keep, cache):
-        h = self.norm(h) if pending is None else self.norm.add(pending, h)[0]
+        h = self.norm(h) if pending is None else self.norm.add(pending[0], h, pending[1])[0]
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
         else:
