@@ -26,9 +26,10 @@ class Step:
     """
 
     def __init__(self, cache, cache_position: Tensor, position_ids: Tensor, attention_mask, ropes: tuple,
-                 windows: tuple, make_masks):
+                 windows: tuple, make_masks, launch: bool = False):
         self.cache = cache  # None, a transformers Cache or our StaticCache
         self.static = isinstance(cache, StaticCache)
+        self.launch = launch and self.static  # layers call the MPS launch functions themselves (models/launch.py)
         self.cache_position = cache_position  # [T] long: the cache slots of the new tokens
         self.position_ids = position_ids  # [B, T] long: rope positions
         self.attention_mask = attention_mask  # [B, >= S] (1 = real token) or None
@@ -177,12 +178,19 @@ class Block(nn.Module):
         self.self_attn, self.mlp = Attention(c, i, w, dtype, make_linear), ffn
         self.post_attn_norm = norm("post_attn_norm") if c.sandwich_norms else None
         self.post_ffn_norm = norm("post_ffn_norm") if c.sandwich_norms else None
+        self._launch = None  # models/launch.py's LayerLaunch, made on the first launch-path call
 
     def forward(self, x, step: Step, pending=None):
         """x: the residual stream; pending: (h, pre) from the previous block, its output h not yet
         added to x and the norm to apply to h first (None unless sandwich norms).
         Returns (x, (h, pre)) for this block: the next block (or the final norm) norms h, adds it
         and normalises in one launch."""
+        if step.launch and self.self_attn.fused_attention:
+            if self._launch is None:
+                from .launch import LayerLaunch
+
+                self._launch = LayerLaunch(self)
+            return self._launch(x, step, pending)
         if pending is None:
             n = self.input_layernorm(x)
         else:
