@@ -3,8 +3,9 @@
 Host time per layer with every kernel stubbed (benchmarks/bench_decode_budget.py, synthetic
 Qwen3-30B-A3B dims, 9 launches per layer): 128 us with one `torch.ops.ferrum` op per kernel
 through the dispatcher, 74 us calling the launch functions directly (`--launch dispatcher
-layer`). One registered op per layer would pay one dispatch on top of the direct calls and buy
-nothing on the eager path, so the layer calls the launch functions as plain Python; the per-kernel
+layer`). One registered op per layer would pay one dispatch on top of the direct calls (3.6 us for
+a Library-defined op with the layer's 12 weights as a Tensor[], measured) and buy nothing on the
+eager path, so the layer calls the launch functions as plain Python; the per-kernel
 ops stay what the CPU, torch.compile (which traces them) and a DynamicCache run.
 
 Validation: what depends on the weights (qtypes with Metal kernels, norm weight dtypes, head dims)
