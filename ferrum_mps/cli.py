@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .server import add_serve_parser
 
     add_serve_parser(sub)
+    from .selftest import add_parser as add_selftest_parser
+
+    add_selftest_parser(sub)
     return parser
 
 

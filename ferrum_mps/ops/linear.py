@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .. import kernels, quants, shaders
+from .. import kernels, native, quants, shaders
 from .common import FLOAT_DTYPES, FLOAT_QTYPES, IDS_DTYPES, cdiv, check_float_dtype, check_ids, check_metal, ferrum_op, ids_int32, round_up
 
 Q = GGMLQuantizationType
@@ -265,6 +265,10 @@ def qlinear(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int, i
         w = _float_view(raw, qt, out_features, in_features)
         return torch.nn.functional.linear(x2, w).view(*x.shape[:-1], out_features)
     xf = x2.float()
+    if qt not in FLOAT_QTYPES:
+        y = native.qmatmul(xf.contiguous(), raw, qt, out_features, in_features)
+        if y is not None:  # native kernels (int8 activations); None: disabled or unavailable
+            return y.to(x.dtype).view(*x.shape[:-1], out_features)
     if x2.shape[0] <= SMALL_M and qt not in FLOAT_QTYPES:
         return qlinear_small(xf, raw, qt, out_features, in_features).to(x.dtype).view(*x.shape[:-1], out_features)
     out = torch.empty((x2.shape[0], out_features), dtype=torch.float32)
@@ -363,6 +367,10 @@ def qembedding(ids: torch.Tensor, raw: torch.Tensor, qtype: int, dim: int) -> to
     flat = ids.reshape(-1).long()
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= rows):
         raise ValueError(f"ids out of range: the embedding table has {rows} rows, got ids in [{int(flat.min())}, {int(flat.max())}]")
+    if qt not in FLOAT_QTYPES:
+        y = native.get_rows(raw, qt, dim, flat.contiguous())
+        if y is not None:  # bit-exact with the torch path below
+            return y.view(*ids.shape, dim)
     picked = raw.view(rows, quants.row_nbytes(qt, dim)).index_select(0, flat)
     return _dequant_rows(picked, qt, dim).view(*ids.shape, dim)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import kernels, quants, shaders
+from .. import kernels, native, quants, shaders
 from .common import (
     FLOAT_DTYPES, FLOAT_QTYPES, IDS_DTYPES, NO_ID, cdiv, check_float_dtype, check_ids, check_metal, check_same_device, ferrum_op,
     ids_int32,
@@ -219,6 +219,10 @@ def moe_qlinear(x: Tensor, ids: Tensor, experts_raw: Tensor, qtype: int, out_fea
     if T == 0:
         return out.view(T, k, out_features).to(x.dtype)
     rows = x.float().reshape(-1, in_features)
+    y = native.moe_matmul(rows.contiguous(), ids.to(torch.int32).contiguous(), experts_raw, quants.check_qtype(qtype),
+                          out_features, in_features, per_slot=x.dim() == 3)
+    if y is not None:  # native kernels: experts grouped in C++, int8 activations
+        return y.view(T, k, out_features).to(x.dtype)
     order, used, starts, ends = _groups(ids, E)
     for sel, s0, e0 in _chunks(used, starts, ends, out_features * in_features * 4):
         pairs = order[s0[0] : e0[-1]]
@@ -257,6 +261,9 @@ def moe_ffn(
     if T == 0:
         return out.to(x.dtype)
     xf, wf = x.float(), weights.float().reshape(-1)
+    y = _moe_ffn_native(xf, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter)
+    if y is not None:
+        return y.to(x.dtype)
     order, used, starts, ends = _groups(ids, E)
     for sel, s0, e0 in _chunks(used, starts, ends, 3 * inter * H * 4):
         pairs = order[s0[0] : e0[-1]]
@@ -269,6 +276,24 @@ def moe_ffn(
         y = _expert_mm(h, down_raw, sel, sizes, down_qtype, H, inter)
         out.index_add_(0, tokens, y * wf[pairs, None])
     return out.to(x.dtype)
+
+
+def _moe_ffn_native(xf, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up_qtype, down_qtype, inter):
+    """moe_ffn on the native kernels (three grouped mat-muls), or None when they do not apply."""
+    qts = [quants.check_qtype(q) for q in (gate_qtype, up_qtype, down_qtype)]
+    if not native.enabled() or any(q not in native.QTYPES for q in qts) or not native.available():
+        return None
+    T, H = xf.shape
+    ids32, xc = ids.to(torch.int32).contiguous(), xf.contiguous()
+    g = native.moe_matmul(xc, ids32, gate_raw, qts[0], inter, H, per_slot=False)
+    u = native.moe_matmul(xc, ids32, up_raw, qts[1], inter, H, per_slot=False)
+    if g is None or u is None:
+        return None
+    h = torch.nn.functional.silu(g).mul_(u)
+    y = native.moe_matmul(h, ids32, down_raw, qts[2], H, inter, per_slot=True)
+    if y is None:
+        return None
+    return torch.bmm(weights.float().view(T, 1, -1), y.view(T, -1, H)).view(T, H)
 
 
 @moe_ffn.register_fake

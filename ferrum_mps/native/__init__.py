@@ -1,0 +1,276 @@
+"""Native CPU kernels for the quantized ops (qlinear, qembedding, moe_qlinear/moe_ffn).
+
+The C++ source (qkernels.cpp, shipped with the package) is compiled on first use into
+~/.cache/ferrum_mps/native/, one library per source hash, compiler and instruction-set
+level, and loaded with ctypes (ctypes releases the GIL during each call; the library runs
+its own small thread pool sized by torch.get_num_threads()).
+
+Instruction-set levels are picked from the CPU's advertised flags, never -march=native:
+this kind of machine advertises AMX/AVX-512 that a native build used and then died on
+(SIGILL). A freshly built library is first exercised in a subprocess; if that fails, the
+next lower level is tried, and without any working library the ops keep their torch
+implementations (a logging warning says why).
+
+Activations are quantized to int8 per 32 values (llama.cpp's scheme), so results differ
+from the exact float reference by ~1e-2 relative; `set_enabled(False)` / `disabled()`
+switch every op back to that reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from ..default_model import cache_dir as _ferrum_cache_dir
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "qkernels.cpp"
+QTYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+
+__all__ = ["QTYPES", "available", "enabled", "set_enabled", "disabled", "status", "isa_levels",
+           "qmatmul", "moe_matmul", "get_rows"]
+
+_state = {"enabled": True}
+_lock = threading.Lock()
+_lib: dict = {}  # "lib": ctypes.CDLL | None, "why": str, "isa": str
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------- switch
+
+
+def set_enabled(flag: bool) -> None:
+    """Use the native kernels (True, the default) or the exact float torch reference (False)."""
+    _state["enabled"] = bool(flag)
+
+
+def enabled() -> bool:
+    return _state["enabled"]
+
+
+@contextlib.contextmanager
+def disabled():
+    """`with native.disabled():` runs the ops on their exact float torch reference."""
+    before = _state["enabled"]
+    _state["enabled"] = False
+    try:
+        yield
+    finally:
+        _state["enabled"] = before
+
+
+# ---------------------------------------------------------------------------- compiler and ISA
+
+
+@lru_cache(maxsize=None)
+def _toolchain() -> tuple[list[str], bool]:
+    """(argv of a C++ compiler, is zig): the `ziglang` package's clang, else a system c++."""
+    try:
+        import ziglang
+
+        zig = Path(ziglang.__file__).parent / "zig"
+        if zig.exists():
+            return [str(zig), "c++"], True
+    except ImportError:
+        pass
+    for name in ("c++", "clang++", "g++"):
+        exe = shutil.which(name)
+        if exe:
+            return [exe], False
+    raise BuildError("no C++ compiler: `pip install ziglang` (a dependency of ferrum-mps) or install clang/g++")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    m = re.search(r"^(flags|Features)\s*:(.*)$", text, re.M)
+    return set(m.group(2).split()) if m else set()
+
+
+_V3 = {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm"}
+
+
+def isa_levels() -> list[str]:
+    """Instruction-set levels this CPU can run, best first; the last one always works."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        flags = _cpu_flags()
+        return (["x86-64-v3"] if _V3 <= flags else []) + ["x86-64"]
+    if machine in ("arm64", "aarch64"):
+        dot = platform.system() == "Darwin" or "asimddp" in _cpu_flags()  # every Apple arm64 CPU has dotprod
+        return (["armv8.2-a+dotprod"] if dot else []) + ["armv8-a"]
+    return ["generic"]
+
+
+def _target_flags(isa: str, zig: bool) -> list[str]:
+    if zig:
+        return {"x86-64-v3": ["-mcpu=x86_64_v3"], "x86-64": ["-mcpu=baseline"],
+                "armv8.2-a+dotprod": ["-mcpu=generic+v8_2a+dotprod+fullfp16"], "armv8-a": ["-mcpu=generic"],
+                "generic": ["-mcpu=baseline"]}[isa]
+    if isa.startswith("x86-64"):
+        return [f"-march={isa}"]
+    return [] if isa == "generic" else [f"-march={isa}"]
+
+
+def _build(isa: str) -> Path:
+    argv, zig = _toolchain()
+    flags = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fno-exceptions", "-fno-rtti", "-fvisibility=hidden",
+             "-ffp-contract=off"] + _target_flags(isa, zig)
+    flags += ["-nostdlib++"] if zig else []
+    flags += ["-lpthread"] if platform.system() != "Darwin" else []
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(argv + flags).encode() + platform.machine().encode()).hexdigest()[:16]
+    d = _ferrum_cache_dir() / "native"
+    d.mkdir(parents=True, exist_ok=True)
+    out = d / f"qkernels-{isa.replace('+', '_')}-{key}.so"
+    if out.exists():
+        return out
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    r = subprocess.run(argv + flags + [str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise BuildError(f"compiling {SOURCE.name} for {isa} failed:\n{r.stderr.strip()[-2000:]}")
+    # Run the library once in a child process: an instruction the CPU lacks kills the child, not us.
+    probe = f"import ctypes, sys; sys.exit(ctypes.CDLL({str(tmp)!r}).fm_selftest())"
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise BuildError(f"the {isa} build fails its self-test in a subprocess (exit {p.returncode}): {p.stderr.strip()[-500:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def _load() -> ctypes.CDLL | None:
+    if "lib" in _lib:
+        return _lib["lib"]
+    with _lock:
+        if "lib" in _lib:
+            return _lib["lib"]
+        errors = []
+        lib = None
+        for isa in isa_levels():
+            try:
+                lib = ctypes.CDLL(str(_build(isa)))
+                _declare(lib)
+                _lib.update(isa=isa, why="")
+                break
+            except (BuildError, OSError, subprocess.SubprocessError, AttributeError) as e:
+                errors.append(f"{isa}: {e}")
+                lib = None
+        if lib is None:
+            _lib["why"] = "; ".join(errors)
+            log.warning("ferrum_mps native CPU kernels unavailable, using the torch implementation: %s", _lib["why"])
+        _lib["lib"] = lib
+        return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.fm_qmatmul.argtypes = [i32, p, i64, i64, p, i64, p, i32]
+    lib.fm_moe_matmul.argtypes = [i32, p, i64, i64, i64, p, i64, p, i64, i64, i32, p, i32]
+    lib.fm_get_rows.argtypes = [i32, p, i64, p, i64, p, i32]
+    for f in (lib.fm_qmatmul, lib.fm_moe_matmul, lib.fm_get_rows):
+        f.restype = ctypes.c_int
+    if lib.fm_abi_version() != 1:
+        raise OSError("stale native library (ABI version mismatch)")
+
+
+def library_for(isa: str) -> ctypes.CDLL:
+    """The library built for one instruction-set level (tests run the portable code this way)."""
+    lib = ctypes.CDLL(str(_build(isa)))
+    _declare(lib)
+    return lib
+
+
+def available() -> bool:
+    """True when the native library is built and loaded (builds it on first call)."""
+    return _load() is not None
+
+
+def status() -> dict:
+    """{'available', 'enabled', 'isa', 'why'}: what the ops will use and why."""
+    ok = available()
+    return {"available": ok, "enabled": enabled(), "isa": _lib.get("isa") if ok else None, "why": _lib.get("why", "")}
+
+
+def _active(qt) -> ctypes.CDLL | None:
+    """The library when native kernels should serve this qtype now, else None."""
+    if not _state["enabled"] or qt not in QTYPES:
+        return None
+    return _load()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise RuntimeError(f"native {what} failed (code {rc})")
+
+
+# ---------------------------------------------------------------------------- calls
+#
+# Each returns None when the native path does not apply (disabled, unsupported qtype,
+# library unavailable): the caller then runs its torch implementation.
+
+
+def qmatmul(xf: torch.Tensor, raw: torch.Tensor, qt, n: int, k: int) -> torch.Tensor | None:
+    """xf float32 contiguous [m, k] @ W.T -> float32 [m, n]; raw: n contiguous GGML rows."""
+    lib = _active(qt)
+    if lib is None or k % 32:
+        return None
+    m = xf.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m and n:
+        _check(lib.fm_qmatmul(int(qt), raw.data_ptr(), n, k, xf.data_ptr(), m, out.data_ptr(), torch.get_num_threads()),
+               "qmatmul")
+    return out
+
+
+def moe_matmul(x: torch.Tensor, ids32: torch.Tensor, raw: torch.Tensor, qt, n: int, k: int, per_slot: bool) -> torch.Tensor | None:
+    """Per (token, slot) pair p: x row (p if per_slot else p // top_k) @ W[ids[p]].T -> float32 [pairs, n].
+
+    x: float32 contiguous [rows, k]; ids32: int32 contiguous [T, top_k], values in [0, E)
+    (any other id, e.g. NO_EXPERT = -1, selects nothing: that pair's row is zeros);
+    raw: contiguous expert stack [E, n, row bytes].
+    """
+    lib = _active(qt)
+    if lib is None or k % 32:
+        return None
+    P = ids32.numel()
+    out = torch.empty((P, n), dtype=torch.float32)
+    if P and n:
+        _check(lib.fm_moe_matmul(int(qt), raw.data_ptr(), raw.shape[0], n, k, x.data_ptr(), x.shape[0],
+                                 ids32.data_ptr(), P, ids32.shape[1], int(per_slot), out.data_ptr(),
+                                 torch.get_num_threads()), "moe_matmul")
+    return out
+
+
+def get_rows(raw: torch.Tensor, qt, dim: int, ids64: torch.Tensor) -> torch.Tensor | None:
+    """Rows ids64 (int64 contiguous, in range) of a GGML table as float32 [len(ids), dim]."""
+    lib = _active(qt)
+    if lib is None or dim % 32:
+        return None
+    out = torch.empty((ids64.numel(), dim), dtype=torch.float32)
+    if ids64.numel():
+        _check(lib.fm_get_rows(int(qt), raw.data_ptr(), dim, ids64.data_ptr(), ids64.numel(), out.data_ptr(),
+                               torch.get_num_threads()), "get_rows")
+    return out

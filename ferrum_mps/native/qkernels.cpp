@@ -1,0 +1,882 @@
+// Native CPU kernels for GGML-quantized weights: y = x @ W.T on raw GGUF blocks.
+//
+// Built on first use by ferrum_mps/native/__init__.py, once per instruction-set level
+// (baseline / x86-64-v3 / aarch64+dotprod), never for the build machine's own CPU, and
+// loaded with ctypes (which releases the GIL around every call).
+//
+// Scheme (llama.cpp's): each activation row is quantized once to int8 in blocks of 32
+// with a float scale (plus the sums of those codes per 16 values for the formats with mins);
+// each weight row is unpacked once per call into int8 codes with one float scale and one
+// float offset per 16 values (value = d16 * q + m16); the dot product is integer per block
+// of 32 (maddubs/madd on AVX2) times the two float scales. Q8_0 rows are read in place.
+// The unpacked row (k bytes) stays in L1 and is reused for every activation row, which is
+// the mat-mat (prefill) blocking; an MoE call runs the same loop per expert over only the
+// (token, slot) pairs routed to that expert.
+//
+// No C++ runtime library is used (plain pthreads and malloc): the ziglang compiler builds
+// with -nostdlib++ in seconds instead of compiling libc++ first.
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sched.h>
+#include <unistd.h>
+#include <time.h>
+
+// fm::atomic without <atomic>: -nostdlib++ drops the C++ headers; the builtins are the same code.
+namespace fm {
+enum memory_order { memory_order_relaxed = __ATOMIC_RELAXED, memory_order_acquire = __ATOMIC_ACQUIRE,
+                    memory_order_release = __ATOMIC_RELEASE, memory_order_acq_rel = __ATOMIC_ACQ_REL,
+                    memory_order_seq_cst = __ATOMIC_SEQ_CST };
+template <class T>
+struct atomic {
+    T v;
+    atomic() : v() {}
+    atomic(T x) : v(x) {}
+    T load(memory_order o = memory_order_seq_cst) const { return __atomic_load_n(&v, o); }
+    void store(T x, memory_order o = memory_order_seq_cst) { __atomic_store_n(&v, x, o); }
+    T fetch_add(T x, memory_order o = memory_order_seq_cst) { return __atomic_fetch_add(&v, x, o); }
+    T fetch_sub(T x, memory_order o = memory_order_seq_cst) { return __atomic_fetch_sub(&v, x, o); }
+};
+}  // namespace fm
+
+#if defined(__AVX2__) || defined(__F16C__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#define FM_EXPORT extern "C" __attribute__((visibility("default")))
+
+// ---------------------------------------------------------------------------- fp16
+
+static float fp16_soft(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal: normalise
+            exp = 127 - 15 + 1;
+            while (!(man & 1024)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 1023) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#if !defined(__F16C__) && !defined(__aarch64__)
+static float g_fp16_table[65536];
+static fm::atomic<int> g_fp16_ready{0};
+static void fp16_init() {
+    if (g_fp16_ready.load(fm::memory_order_acquire)) return;
+    for (uint32_t i = 0; i < 65536; i++) g_fp16_table[i] = fp16_soft((uint16_t)i);
+    g_fp16_ready.store(1, fm::memory_order_release);
+}
+#else
+static void fp16_init() {}
+#endif
+
+static inline float h2f(const uint8_t* p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#elif defined(__aarch64__)
+    __fp16 v;
+    memcpy(&v, &h, 2);
+    return (float)v;
+#else
+    return g_fp16_table[h];
+#endif
+}
+
+// ---------------------------------------------------------------------------- formats
+
+enum {
+    T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+    T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
+};
+
+struct Format {
+    int block;    // values per block
+    int bytes;    // bytes per block
+    int has_min;  // value = d16 * q + m16 with m16 != 0
+};
+
+static bool format_of(int t, Format* f) {
+    switch (t) {
+        case T_Q4_0: *f = {32, 18, 0}; return true;
+        case T_Q4_1: *f = {32, 20, 1}; return true;
+        case T_Q5_0: *f = {32, 22, 0}; return true;
+        case T_Q5_1: *f = {32, 24, 1}; return true;
+        case T_Q8_0: *f = {32, 34, 0}; return true;
+        case T_Q2_K: *f = {256, 84, 1}; return true;
+        case T_Q3_K: *f = {256, 110, 0}; return true;
+        case T_Q4_K: *f = {256, 144, 1}; return true;
+        case T_Q5_K: *f = {256, 176, 1}; return true;
+        case T_Q6_K: *f = {256, 210, 0}; return true;
+        default: return false;
+    }
+}
+
+// Unpack one row of `nb` blocks: codes q[k] (int8), d16[k/16], m16[k/16] (float).
+// Element order is GGML's (gguf-py's dequantize order).
+
+static void unpack_q4_0(const uint8_t* r, int64_t nb, int8_t* q, float* d16, float*) {
+    for (int64_t b = 0; b < nb; b++, r += 18, q += 32) {
+        const float d = h2f(r);
+        const uint8_t* qs = r + 2;
+        for (int j = 0; j < 16; j++) {
+            q[j] = (int8_t)((qs[j] & 15) - 8);
+            q[j + 16] = (int8_t)((qs[j] >> 4) - 8);
+        }
+        d16[2 * b] = d16[2 * b + 1] = d;
+    }
+}
+
+static void unpack_q4_1(const uint8_t* r, int64_t nb, int8_t* q, float* d16, float* m16) {
+    for (int64_t b = 0; b < nb; b++, r += 20, q += 32) {
+        const float d = h2f(r), m = h2f(r + 2);
+        const uint8_t* qs = r + 4;
+        for (int j = 0; j < 16; j++) {
+            q[j] = (int8_t)(qs[j] & 15);
+            q[j + 16] = (int8_t)(qs[j] >> 4);
+        }
+        d16[2 * b] = d16[2 * b + 1] = d;
+        m16[2 * b] = m16[2 * b + 1] = m;
+    }
+}
+
+static inline void q5_codes(const uint8_t* qs, uint32_t qh, int8_t* q, int off) {
+#if defined(__AVX2__)
+    // 32 high bits spread to 32 bytes (bit j -> byte j): shuffle the 4 bytes, test each bit.
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
+    const __m256i bitm = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfeLL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), shuf);
+    v = _mm256_or_si256(v, bitm);
+    v = _mm256_cmpeq_epi8(v, _mm256_set1_epi64x(-1));  // 0xff where the bit is set
+    __m256i hi = _mm256_and_si256(v, _mm256_set1_epi8(16));
+    __m128i lo128 = _mm_loadu_si128((const __m128i*)qs);
+    __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(lo128, 4), _mm_set1_epi8(15)), _mm_and_si128(lo128, _mm_set1_epi8(15)));
+    __m256i c = _mm256_sub_epi8(_mm256_or_si256(nib, hi), _mm256_set1_epi8((char)off));
+    _mm256_storeu_si256((__m256i*)q, c);
+#else
+    for (int j = 0; j < 16; j++) {
+        q[j] = (int8_t)(((qs[j] & 15) | (((qh >> j) & 1) << 4)) - off);
+        q[j + 16] = (int8_t)(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - off);
+    }
+#endif
+}
+
+static void unpack_q5_0(const uint8_t* r, int64_t nb, int8_t* q, float* d16, float*) {
+    for (int64_t b = 0; b < nb; b++, r += 22, q += 32) {
+        const float d = h2f(r);
+        uint32_t qh;
+        memcpy(&qh, r + 2, 4);
+        q5_codes(r + 6, qh, q, 16);
+        d16[2 * b] = d16[2 * b + 1] = d;
+    }
+}
+
+static void unpack_q5_1(const uint8_t* r, int64_t nb, int8_t* q, float* d16, float* m16) {
+    for (int64_t b = 0; b < nb; b++, r += 24, q += 32) {
+        const float d = h2f(r), m = h2f(r + 2);
+        uint32_t qh;
+        memcpy(&qh, r + 4, 4);
+        q5_codes(r + 8, qh, q, 0);
+        d16[2 * b] = d16[2 * b + 1] = d;
+        m16[2 * b] = m16[2 * b + 1] = m;
+    }
+}
+
+static void unpack_q8_0(const uint8_t* r, int64_t nb, int8_t* q, float* d16, float*) {
+    for (int64_t b = 0; b < nb; b++, r += 34, q += 32) {
+        d16[2 * b] = d16[2 * b + 1] = h2f(r);
+        memcpy(q, r + 2, 32);
+    }
+}
+
+static void unpack_q2_k(const uint8_t* r, int64_t nb, int8_t* q, float* d16, float* m16) {
+    for (int64_t b = 0; b < nb; b++, r += 84, q += 256, d16 += 16, m16 += 16) {
+        const uint8_t* sc = r;
+        const uint8_t* qs = r + 16;
+        const float d = h2f(r + 80), dmin = h2f(r + 82);
+        for (int g = 0; g < 16; g++) {
+            d16[g] = d * (float)(sc[g] & 15);
+            m16[g] = -(dmin * (float)(sc[g] >> 4));
+        }
+        for (int n = 0; n < 2; n++) {
+            for (int j = 0; j < 4; j++) {
+                int8_t* o = q + 128 * n + 32 * j;
+                for (int l = 0; l < 32; l++) o[l] = (int8_t)((qs[32 * n + l] >> (2 * j)) & 3);
+            }
+        }
+    }
+}
+
+static void unpack_q3_k(const uint8_t* r, int64_t nb, int8_t* q, float* d16, float*) {
+    for (int64_t b = 0; b < nb; b++, r += 110, q += 256, d16 += 16) {
+        const uint8_t* hm = r;
+        const uint8_t* qs = r + 32;
+        const float d = h2f(r + 108);
+        uint32_t aux[4];
+        memcpy(aux, r + 96, 12);
+        const uint32_t k1 = 0x03030303, k2 = 0x0f0f0f0f, tmp = aux[2];
+        aux[2] = ((aux[0] >> 4) & k2) | (((tmp >> 4) & k1) << 4);
+        aux[3] = ((aux[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4);
+        aux[0] = (aux[0] & k2) | (((tmp >> 0) & k1) << 4);
+        aux[1] = (aux[1] & k2) | (((tmp >> 2) & k1) << 4);
+        int8_t sc[16];
+        memcpy(sc, aux, 16);
+        for (int g = 0; g < 16; g++) d16[g] = d * (float)(sc[g] - 32);
+        for (int n = 0; n < 2; n++) {
+            for (int j = 0; j < 4; j++) {
+                int8_t* o = q + 128 * n + 32 * j;
+                const int bit = 4 * n + j;
+                for (int l = 0; l < 32; l++)
+                    o[l] = (int8_t)(((qs[32 * n + l] >> (2 * j)) & 3) - (((hm[l] >> bit) & 1) ? 0 : 4));
+            }
+        }
+    }
+}
+
+static inline void k4_scale_min(int j, const uint8_t* s, int* sc, int* m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+// Q4_K / Q5_K: the 8 sub-blocks' 6-bit scales and mins as per-16-value scale and offset.
+static inline void k4_scales(const uint8_t* s, float d, float dmin, float* d16, float* m16) {
+    for (int j = 0; j < 8; j++) {
+        int sc, m;
+        k4_scale_min(j, s, &sc, &m);
+        d16[2 * j] = d16[2 * j + 1] = d * (float)sc;
+        m16[2 * j] = m16[2 * j + 1] = -(dmin * (float)m);
+    }
+}
+
+static void unpack_q4_k(const uint8_t* r, int64_t nb, int8_t* q, float* d16, float* m16) {
+    for (int64_t b = 0; b < nb; b++, r += 144, q += 256, d16 += 16, m16 += 16) {
+        const float d = h2f(r), dmin = h2f(r + 2);
+        const uint8_t* s = r + 4;
+        const uint8_t* qs = r + 16;
+        k4_scales(s, d, dmin, d16, m16);
+        for (int j = 0; j < 4; j++) {
+            for (int l = 0; l < 32; l++) {
+                q[64 * j + l] = (int8_t)(qs[32 * j + l] & 15);
+                q[64 * j + 32 + l] = (int8_t)(qs[32 * j + l] >> 4);
+            }
+        }
+    }
+}
+
+static void unpack_q5_k(const uint8_t* r, int64_t nb, int8_t* q, float* d16, float* m16) {
+    for (int64_t b = 0; b < nb; b++, r += 176, q += 256, d16 += 16, m16 += 16) {
+        const float d = h2f(r), dmin = h2f(r + 2);
+        const uint8_t* s = r + 4;
+        const uint8_t* qh = r + 16;
+        const uint8_t* qs = r + 48;
+        k4_scales(s, d, dmin, d16, m16);
+        for (int j = 0; j < 4; j++) {
+            for (int l = 0; l < 32; l++) {
+                q[64 * j + l] = (int8_t)((qs[32 * j + l] & 15) | (((qh[l] >> (2 * j)) & 1) << 4));
+                q[64 * j + 32 + l] = (int8_t)((qs[32 * j + l] >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4));
+            }
+        }
+    }
+}
+
+static void unpack_q6_k(const uint8_t* r, int64_t nb, int8_t* q, float* d16, float*) {
+    for (int64_t b = 0; b < nb; b++, r += 210, q += 256, d16 += 16) {
+        const uint8_t* ql = r;
+        const uint8_t* qh = r + 128;
+        const int8_t* sc = (const int8_t*)(r + 192);
+        const float d = h2f(r + 208);
+        for (int g = 0; g < 16; g++) d16[g] = d * (float)sc[g];
+        for (int n = 0; n < 2; n++) {
+            const uint8_t* L = ql + 64 * n;
+            const uint8_t* H = qh + 32 * n;
+            int8_t* o = q + 128 * n;
+            for (int l = 0; l < 32; l++) {
+                o[l] = (int8_t)(((L[l] & 15) | (((H[l] >> 0) & 3) << 4)) - 32);
+                o[l + 32] = (int8_t)(((L[l + 32] & 15) | (((H[l] >> 2) & 3) << 4)) - 32);
+                o[l + 64] = (int8_t)(((L[l] >> 4) | (((H[l] >> 4) & 3) << 4)) - 32);
+                o[l + 96] = (int8_t)(((L[l + 32] >> 4) | (((H[l] >> 6) & 3) << 4)) - 32);
+            }
+        }
+    }
+}
+
+typedef void (*UnpackFn)(const uint8_t*, int64_t, int8_t*, float*, float*);
+
+static UnpackFn unpack_of(int t) {
+    switch (t) {
+        case T_Q4_0: return unpack_q4_0;
+        case T_Q4_1: return unpack_q4_1;
+        case T_Q5_0: return unpack_q5_0;
+        case T_Q5_1: return unpack_q5_1;
+        case T_Q8_0: return unpack_q8_0;
+        case T_Q2_K: return unpack_q2_k;
+        case T_Q3_K: return unpack_q3_k;
+        case T_Q4_K: return unpack_q4_k;
+        case T_Q5_K: return unpack_q5_k;
+        case T_Q6_K: return unpack_q6_k;
+        default: return nullptr;
+    }
+}
+
+// ---------------------------------------------------------------------------- activations
+
+// One activation row quantized: int8 codes, a scale per 32 values, d * (sum of codes) per 16.
+struct QRow {
+    int8_t* q;
+    float* d32;
+    float* s16;
+};
+
+static void quantize_row(const float* x, int64_t k, QRow o) {
+    for (int64_t b = 0; b < k / 32; b++) {
+        const float* xb = x + 32 * b;
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        int s0 = 0, s1 = 0;
+        for (int j = 0; j < 32; j++) {
+            const int v = (int)lrintf(xb[j] * id);
+            o.q[32 * b + j] = (int8_t)v;
+            (j < 16 ? s0 : s1) += v;
+        }
+        // Sums of the quantized values (not of x), as llama.cpp's Q8_1/Q8_K: the offset term
+        // then cancels exactly against the code term; with exact sums Q5_1's error is 3x larger.
+        o.d32[b] = d;
+        o.s16[2 * b] = d * (float)s0;
+        o.s16[2 * b + 1] = d * (float)s1;
+    }
+}
+
+// ---------------------------------------------------------------------------- dot products
+
+#if defined(__AVX2__)
+static inline __m256i dot32_i8(const int8_t* w, const int8_t* a) {
+    const __m256i vw = _mm256_loadu_si256((const __m256i*)w);
+    const __m256i va = _mm256_loadu_si256((const __m256i*)a);
+    // |w| * (a with w's sign): unsigned x signed pairs; |sum| <= 2*128*127 fits int16.
+    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(vw, vw), _mm256_sign_epi8(va, vw));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));  // lanes 0-3: values 0-15, 4-7: 16-31
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+// sum over blocks b: (d16[2b] * isum(lo16) + d16[2b+1] * isum(hi16)) * d32[b]
+//
+// Every path (this one, the in-place Q8_0 one and the 4-row one) accumulates in the same
+// order with the same operations, so a row's result does not depend on how many rows a
+// call has (prefill and decode agree bit for bit) nor on the thread count.
+static float dot_unpacked(const int8_t* w, const float* d16, const QRow& a, int64_t nb32) {
+#if defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb32; b++) {
+        const __m256i p = dot32_i8(w + 32 * b, a.q + 32 * b);
+        const __m256 sw = _mm256_set_m128(_mm_set1_ps(d16[2 * b + 1]), _mm_set1_ps(d16[2 * b]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sw, _mm256_set1_ps(a.d32[b])), acc);
+    }
+    return hsum8(acc);
+#else
+    float acc = 0.f;
+    for (int64_t b = 0; b < nb32; b++) {
+        int32_t s0 = 0, s1 = 0;
+        const int8_t* wb = w + 32 * b;
+        const int8_t* ab = a.q + 32 * b;
+        for (int j = 0; j < 16; j++) s0 += (int32_t)wb[j] * (int32_t)ab[j];
+        for (int j = 16; j < 32; j++) s1 += (int32_t)wb[j] * (int32_t)ab[j];
+        acc += (float)s0 * (d16[2 * b] * a.d32[b]) + (float)s1 * (d16[2 * b + 1] * a.d32[b]);
+    }
+    return acc;
+#endif
+}
+
+// Q8_0 weights read in place (34-byte blocks: fp16 scale, 32 int8).
+static float dot_q8_0(const uint8_t* r, const QRow& a, int64_t nb32) {
+#if defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb32; b++) {
+        const __m256i p = dot32_i8((const int8_t*)(r + 34 * b + 2), a.q + 32 * b);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_set1_ps(h2f(r + 34 * b)), _mm256_set1_ps(a.d32[b])), acc);
+    }
+    return hsum8(acc);
+#else
+    float acc = 0.f;
+    for (int64_t b = 0; b < nb32; b++) {
+        const int8_t* wb = (const int8_t*)(r + 34 * b + 2);
+        const int8_t* ab = a.q + 32 * b;
+        int32_t s0 = 0, s1 = 0;
+        for (int j = 0; j < 16; j++) s0 += (int32_t)wb[j] * (int32_t)ab[j];
+        for (int j = 16; j < 32; j++) s1 += (int32_t)wb[j] * (int32_t)ab[j];
+        const float d = h2f(r + 34 * b) * a.d32[b];
+        acc += (float)s0 * d + (float)s1 * d;
+    }
+    return acc;
+#endif
+}
+
+static inline float dot_min(const float* m16, const float* s16, int64_t n16) {
+    float acc = 0.f;
+    int64_t g = 0;
+#if defined(__AVX2__)
+    // Not left to the compiler: without -ffast-math it keeps a float reduction scalar, and
+    // this loop made Q4_K/Q5_K 2x slower than Q6_K (measured 11.6 vs 21 GMAC/s at m=1).
+    __m256 v = _mm256_setzero_ps();
+    for (; g + 8 <= n16; g += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(m16 + g), _mm256_loadu_ps(s16 + g), v);
+    acc = hsum8(v);
+#endif
+    for (; g < n16; g++) acc += m16[g] * s16[g];
+    return acc;
+}
+
+#if defined(__AVX2__)
+// Four activation rows against one unpacked weight row: each weight block is loaded once
+// for four products (the mat-mat path; measured ~1.5x over four single dots).
+static void dot_unpacked4(const int8_t* w, const float* d16, const QRow* a, int64_t nb32, float* out) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb32; b++) {
+        const __m256i vw = _mm256_loadu_si256((const __m256i*)(w + 32 * b));
+        const __m256i aw = _mm256_sign_epi8(vw, vw);
+        const __m256 sw = _mm256_set_m128(_mm_set1_ps(d16[2 * b + 1]), _mm_set1_ps(d16[2 * b]));
+        for (int r = 0; r < 4; r++) {
+            const __m256i va = _mm256_loadu_si256((const __m256i*)(a[r].q + 32 * b));
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(va, vw)), ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sw, _mm256_set1_ps(a[r].d32[b])), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = hsum8(acc[r]);
+}
+#endif
+
+// ---------------------------------------------------------------------------- thread pool
+//
+// A small persistent pool: workers spin briefly after a job (decode issues ~10 calls per
+// layer, and a futex wake-up costs more than a small mat-vec), then sleep on a condition
+// variable. One job at a time; a concurrent caller runs its job on its own thread.
+
+typedef void (*TaskFn)(void* ctx, int64_t task);
+
+enum { MAX_WORKERS = 63 };
+
+struct Pool {
+    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+    pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER;
+    fm::atomic<uint64_t> gen{0};
+    fm::atomic<uint64_t> next{0};  // job << 32 | next task index
+    fm::atomic<uint64_t> desc{0};  // job << 32 | number of tasks
+    fm::atomic<int64_t> done{0};   // tasks of the current job finished
+    fm::atomic<int> active{0};     // workers with a smaller index take part in the current job
+    uint64_t job = 0;
+    TaskFn fn = nullptr;
+    void* ctx = nullptr;
+    int nworkers = 0;
+    pid_t pid = 0;
+};
+
+static Pool g_pool;
+
+static inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static double now_us() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec * 1e-3;
+}
+
+// Tasks are handed out by one counter and the caller waits for the count of finished
+// tasks, not for the workers: a worker descheduled on a busy machine never delays a job
+// it has not started (the caller runs those tasks itself). Task tickets carry the job
+// number, so a late worker's ticket from a finished job is never taken for a task of the
+// next one; fn/ctx are written before desc/next (release) and read after them (acquire).
+static void run_tasks(Pool* p) {
+    for (;;) {
+        const uint64_t v = p->next.fetch_add(1, fm::memory_order_acq_rel);
+        const uint64_t d = p->desc.load(fm::memory_order_acquire);
+        if ((v >> 32) != (d >> 32) || (v & 0xffffffffu) >= (d & 0xffffffffu)) break;
+        p->fn(p->ctx, (int64_t)(v & 0xffffffffu));
+        p->done.fetch_add(1, fm::memory_order_acq_rel);
+    }
+}
+
+// Idle workers poll (yielding) this long before sleeping: decode issues a call every
+// ~50 us and a futex wake-up costs more than a small mat-vec.
+static const double SPIN_US = 100.0;
+
+static void* worker_main(void* arg) {
+    const int idx = (int)(intptr_t)arg;
+    Pool* p = &g_pool;
+    uint64_t seen = p->gen.load(fm::memory_order_acquire);
+    for (;;) {
+        double t0 = -1;
+        for (int i = 0;; i++) {
+            if (p->gen.load(fm::memory_order_acquire) != seen) break;
+            if ((i & 255) == 255) {
+                // Yield while waiting: torch's own OpenMP workers run between our calls on the
+                // same cores, and a pure spin would take their time slice.
+                sched_yield();
+                if (t0 < 0) {
+                    t0 = now_us();
+                } else if (now_us() - t0 > SPIN_US) {
+                    pthread_mutex_lock(&p->mu);
+                    while (p->gen.load(fm::memory_order_acquire) == seen) pthread_cond_wait(&p->cv, &p->mu);
+                    pthread_mutex_unlock(&p->mu);
+                    break;
+                }
+            }
+            cpu_relax();
+        }
+        seen = p->gen.load(fm::memory_order_acquire);
+        if (idx < p->active.load(fm::memory_order_acquire)) run_tasks(p);
+    }
+    return nullptr;
+}
+
+static void parallel_for(int64_t ntasks, int nthreads, TaskFn fn, void* ctx) {
+    Pool* p = &g_pool;
+    if (nthreads > MAX_WORKERS + 1) nthreads = MAX_WORKERS + 1;
+    if (nthreads > ntasks) nthreads = (int)ntasks;
+    if (nthreads <= 1 || ntasks >= (1LL << 31) || pthread_mutex_trylock(&p->busy) != 0) {  // busy: another thread's job
+        for (int64_t t = 0; t < ntasks; t++) fn(ctx, t);
+        return;
+    }
+    const pid_t pid = getpid();
+    if (p->pid != pid) {  // first call, or a forked child: the parent's workers do not exist here
+        p->pid = pid;
+        p->nworkers = 0;
+    }
+    while (p->nworkers < nthreads - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int rc = pthread_create(&th, &attr, worker_main, (void*)(intptr_t)p->nworkers);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        p->nworkers++;
+    }
+    p->fn = fn;
+    p->ctx = ctx;
+    p->job = (p->job + 1) & 0xffffffffu;
+    p->done.store(0, fm::memory_order_release);
+    p->active.store(nthreads - 1, fm::memory_order_release);
+    p->desc.store(p->job << 32 | (uint64_t)ntasks, fm::memory_order_release);
+    p->next.store(p->job << 32, fm::memory_order_release);
+    pthread_mutex_lock(&p->mu);
+    p->gen.fetch_add(1, fm::memory_order_acq_rel);
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    run_tasks(p);
+    for (int i = 0; p->done.load(fm::memory_order_acquire) < ntasks; i++) {
+        if (i > 2000) sched_yield();  // the worker holding the last task may be descheduled
+        else cpu_relax();
+    }
+    pthread_mutex_unlock(&p->busy);
+}
+
+// ---------------------------------------------------------------------------- mat-mul core
+
+// One expert's work: weight rows [r0, r1) of W (n x k) against the activation rows listed
+// in `rows` (indices into the quantized activations), results to out[pair * n + r].
+struct Job {
+    int qtype;
+    Format fmt;
+    UnpackFn unpack;
+    int64_t n, k, row_bytes;
+    const int8_t* aq;   // quantized activations [xrows, k]
+    const float* ad32;  // [xrows, k/32]
+    const float* as16;  // [xrows, k/16]
+    float* out;         // [npairs, n]
+    // tasks: (expert weight base, r0, r1, first index into pair list, count)
+    const uint8_t** tw;
+    int64_t* tr0;
+    int64_t* tr1;
+    int64_t* tp0;
+    int64_t* tpn;
+    const int64_t* pairs;  // output row of each entry
+    const int64_t* xrow;   // activation row of each entry
+};
+
+struct Scratch {
+    int8_t* q = nullptr;
+    float* d16 = nullptr;
+    float* m16 = nullptr;
+    int64_t cap = 0;
+};
+static __thread Scratch t_scratch;
+
+static bool scratch_reserve(int64_t k) {
+    Scratch& s = t_scratch;
+    if (s.cap >= k) return true;
+    free(s.q);
+    free(s.d16);
+    free(s.m16);
+    s.q = (int8_t*)malloc(k + 64);
+    s.d16 = (float*)malloc(sizeof(float) * (k / 16 + 4));
+    s.m16 = (float*)calloc(k / 16 + 4, sizeof(float));
+    if (!s.q || !s.d16 || !s.m16) {
+        s.cap = 0;
+        return false;
+    }
+    s.cap = k;
+    return true;
+}
+
+static void job_task(void* ctx, int64_t t) {
+    const Job* J = (const Job*)ctx;
+    const int64_t k = J->k, nb32 = k / 32, n16 = k / 16, nb = k / J->fmt.block;
+    const uint8_t* w = J->tw[t];
+    const int64_t p0 = J->tp0[t], pn = J->tpn[t];
+    if (J->qtype == T_Q8_0 && pn < 4) {  // in place; from 4 rows on, the blocked path below wins
+        for (int64_t r = J->tr0[t]; r < J->tr1[t]; r++) {
+            const uint8_t* row = w + r * J->row_bytes;
+            for (int64_t i = p0; i < p0 + pn; i++) {
+                const int64_t xr = J->xrow[i];
+                const QRow a = {(int8_t*)J->aq + xr * k, (float*)J->ad32 + xr * nb32, (float*)J->as16 + xr * n16};
+                J->out[J->pairs[i] * J->n + r] = dot_q8_0(row, a, nb32);
+            }
+        }
+        return;
+    }
+    if (!scratch_reserve(k)) abort();  // out of memory for k bytes: nothing sane to return
+    Scratch& s = t_scratch;
+    for (int64_t r = J->tr0[t]; r < J->tr1[t]; r++) {
+        J->unpack(w + r * J->row_bytes, nb, s.q, s.d16, s.m16);
+        int64_t i = p0;
+#if defined(__AVX2__)
+        for (; i + 4 <= p0 + pn; i += 4) {
+            QRow a[4];
+            for (int j = 0; j < 4; j++) {
+                const int64_t xr = J->xrow[i + j];
+                a[j] = QRow{(int8_t*)J->aq + xr * k, (float*)J->ad32 + xr * nb32, (float*)J->as16 + xr * n16};
+            }
+            float v[4];
+            dot_unpacked4(s.q, s.d16, a, nb32, v);
+            for (int j = 0; j < 4; j++) {
+                if (J->fmt.has_min) v[j] += dot_min(s.m16, a[j].s16, n16);
+                J->out[J->pairs[i + j] * J->n + r] = v[j];
+            }
+        }
+#endif
+        for (; i < p0 + pn; i++) {
+            const int64_t xr = J->xrow[i];
+            const QRow a = {(int8_t*)J->aq + xr * k, (float*)J->ad32 + xr * nb32, (float*)J->as16 + xr * n16};
+            float v = dot_unpacked(s.q, s.d16, a, nb32);
+            if (J->fmt.has_min) v += dot_min(s.m16, a.s16, n16);
+            J->out[J->pairs[i] * J->n + r] = v;
+        }
+    }
+}
+
+struct QuantJob {
+    const float* x;
+    int64_t k;
+    int8_t* q;
+    float* d32;
+    float* s16;
+};
+
+static void quant_task(void* ctx, int64_t t) {
+    const QuantJob* Q = (const QuantJob*)ctx;
+    const int64_t k = Q->k;
+    quantize_row(Q->x + t * k, k, QRow{Q->q + t * k, Q->d32 + t * (k / 32), Q->s16 + t * (k / 16)});
+}
+
+// Rows per task: enough tasks to balance threads, few enough that each task's bytes
+// (its weight rows) amortise the scheduling.
+static int64_t rows_per_task(int64_t n, int64_t k, int64_t npairs, int nthreads) {
+    int64_t r = n / (8 * (int64_t)nthreads);
+    const int64_t min_rows = 4;
+    if (r < min_rows) r = min_rows;
+    (void)k;
+    (void)npairs;
+    return r;
+}
+
+// Grouped mat-mul. Experts e in [0, E) with weights w + e * n * row_bytes; entry i
+// (0 <= i < npairs) multiplies activation row xrow_of[i] by expert eid[i]'s W.T into out row i.
+static int grouped_matmul(int qtype, const uint8_t* w, int64_t E, int64_t n, int64_t k, const float* x,
+                          int64_t xrows, const int32_t* eid, const int64_t* xrow_of, int64_t npairs, float* out,
+                          int nthreads) {
+    Format fmt;
+    if (!format_of(qtype, &fmt)) return 1;
+    if (k % fmt.block || k % 32) return 2;
+    fp16_init();
+    const int64_t row_bytes = k / fmt.block * fmt.bytes;
+    int rc = 0;
+    int8_t* aq = (int8_t*)malloc(xrows * k + 64);
+    float* ad32 = (float*)malloc(sizeof(float) * (xrows * (k / 32) + 1));
+    float* as16 = (float*)malloc(sizeof(float) * (xrows * (k / 16) + 1));
+    int64_t* count = (int64_t*)calloc(E + 1, sizeof(int64_t));
+    int64_t* order = (int64_t*)malloc(sizeof(int64_t) * (npairs + 1));
+    int64_t* xr = (int64_t*)malloc(sizeof(int64_t) * (npairs + 1));
+    const uint8_t** tw = nullptr;
+    int64_t *tr0 = nullptr, *tr1 = nullptr, *tp0 = nullptr, *tpn = nullptr;
+    if (!aq || !ad32 || !as16 || !count || !order || !xr) { rc = 3; goto done; }
+    {
+        QuantJob qj{x, k, aq, ad32, as16};
+        parallel_for(xrows, xrows * k >= (1 << 16) ? nthreads : 1, quant_task, &qj);
+        // counting sort of entries by expert (stable)
+        // An id outside [0, E) (NO_EXPERT, -1) selects nothing: its output row is zeros.
+        for (int64_t i = 0; i < npairs; i++) {
+            if (eid[i] >= 0 && eid[i] < E) count[eid[i] + 1]++;
+            else memset(out + i * n, 0, sizeof(float) * n);
+        }
+        for (int64_t e = 0; e < E; e++) count[e + 1] += count[e];
+        {
+            int64_t* pos = (int64_t*)malloc(sizeof(int64_t) * (E + 1));
+            if (!pos) { rc = 3; goto done; }
+            memcpy(pos, count, sizeof(int64_t) * (E + 1));
+            for (int64_t i = 0; i < npairs; i++) {
+                if (eid[i] < 0 || eid[i] >= E) continue;
+                const int64_t j = pos[eid[i]]++;
+                order[j] = i;
+                xr[j] = xrow_of[i];
+            }
+            free(pos);
+        }
+        int64_t used = 0, most = 0;
+        for (int64_t e = 0; e < E; e++) {
+            const int64_t c = count[e + 1] - count[e];
+            if (c) { used++; if (c > most) most = c; }
+        }
+        const int64_t rpt = rows_per_task(n, k, npairs, nthreads);
+        const int64_t per_expert = (n + rpt - 1) / rpt, ntasks = used * per_expert;
+        tw = (const uint8_t**)malloc(sizeof(void*) * (ntasks + 1));
+        tr0 = (int64_t*)malloc(sizeof(int64_t) * (ntasks + 1));
+        tr1 = (int64_t*)malloc(sizeof(int64_t) * (ntasks + 1));
+        tp0 = (int64_t*)malloc(sizeof(int64_t) * (ntasks + 1));
+        tpn = (int64_t*)malloc(sizeof(int64_t) * (ntasks + 1));
+        if (!tw || !tr0 || !tr1 || !tp0 || !tpn) { rc = 3; goto done; }
+        int64_t t = 0;
+        for (int64_t e = 0; e < E; e++) {
+            const int64_t c = count[e + 1] - count[e];
+            if (!c) continue;
+            for (int64_t r = 0; r < n; r += rpt, t++) {
+                tw[t] = w + e * n * row_bytes;
+                tr0[t] = r;
+                tr1[t] = r + rpt < n ? r + rpt : n;
+                tp0[t] = count[e];
+                tpn[t] = c;
+            }
+        }
+        Job J{qtype, fmt, unpack_of(qtype), n, k, row_bytes, aq, ad32, as16, out, tw, tr0, tr1, tp0, tpn, order, xr};
+        // Tiny products: one thread (a wake-up costs more than the work).
+        const int nt = n * k * (most < 4 ? most : 4) < (1 << 17) ? 1 : nthreads;
+        parallel_for(ntasks, nt, job_task, &J);
+    }
+done:
+    free(aq); free(ad32); free(as16); free(count); free(order); free(xr);
+    free(tw); free(tr0); free(tr1); free(tp0); free(tpn);
+    return rc;
+}
+
+// ---------------------------------------------------------------------------- exports
+
+FM_EXPORT int fm_abi_version(void) { return 1; }
+
+FM_EXPORT int fm_supported(int qtype) {
+    Format f;
+    return format_of(qtype, &f) ? 1 : 0;
+}
+
+// out[m, n] = x[m, k] @ W.T, W = n rows of raw GGML blocks.
+FM_EXPORT int fm_qmatmul(int qtype, const uint8_t* w, int64_t n, int64_t k, const float* x, int64_t m, float* out,
+                         int nthreads) {
+    if (m <= 0 || n <= 0) return 0;
+    int32_t* eid = (int32_t*)calloc(m, sizeof(int32_t));
+    int64_t* xr = (int64_t*)malloc(sizeof(int64_t) * m);
+    if (!eid || !xr) { free(eid); free(xr); return 3; }
+    for (int64_t i = 0; i < m; i++) xr[i] = i;
+    const int rc = grouped_matmul(qtype, w, 1, n, k, x, m, eid, xr, m, out, nthreads);
+    free(eid);
+    free(xr);
+    return rc;
+}
+
+// out[p, n] = x[xrow(p)] @ W[ids[p]].T for p < npairs; xrow(p) = p (per_slot) or p / topk.
+// A pair whose id is outside [0, E) (NO_EXPERT) gets a row of zeros.
+FM_EXPORT int fm_moe_matmul(int qtype, const uint8_t* w, int64_t E, int64_t n, int64_t k, const float* x,
+                            int64_t xrows, const int32_t* ids, int64_t npairs, int64_t topk, int per_slot, float* out,
+                            int nthreads) {
+    if (npairs <= 0 || n <= 0) return 0;
+    int64_t* xr = (int64_t*)malloc(sizeof(int64_t) * npairs);
+    if (!xr) return 3;
+    for (int64_t p = 0; p < npairs; p++) xr[p] = per_slot ? p : p / topk;
+    const int rc = grouped_matmul(qtype, w, E, n, k, x, xrows, ids, xr, npairs, out, nthreads);
+    free(xr);
+    return rc;
+}
+
+struct DeqJob {
+    UnpackFn unpack;
+    Format fmt;
+    const uint8_t* w;
+    int64_t k, row_bytes;
+    const int64_t* ids;
+    float* out;
+};
+
+static void deq_task(void* ctx, int64_t t) {
+    const DeqJob* D = (const DeqJob*)ctx;
+    const int64_t k = D->k;
+    if (!scratch_reserve(k)) abort();
+    Scratch& s = t_scratch;
+    D->unpack(D->w + D->ids[t] * D->row_bytes, k / D->fmt.block, s.q, s.d16, s.m16);
+    float* o = D->out + t * k;
+    for (int64_t g = 0; g < k / 16; g++) {
+        const float d = s.d16[g], m = D->fmt.has_min ? s.m16[g] : 0.f;
+        for (int j = 0; j < 16; j++) o[16 * g + j] = d * (float)s.q[16 * g + j] + m;
+    }
+}
+
+// out[i, k] = row ids[i] of the GGML table w (ids checked by the caller).
+FM_EXPORT int fm_get_rows(int qtype, const uint8_t* w, int64_t k, const int64_t* ids, int64_t nids, float* out,
+                          int nthreads) {
+    Format fmt;
+    if (!format_of(qtype, &fmt)) return 1;
+    if (k % fmt.block || k % 32) return 2;
+    fp16_init();
+    DeqJob D{unpack_of(qtype), fmt, w, k, k / fmt.block * fmt.bytes, ids, out};
+    parallel_for(nids, nids * k >= (1 << 16) ? nthreads : 1, deq_task, &D);
+    return 0;
+}
+
+// A call that exercises the instruction set the library was built for: the loader runs it
+// in a subprocess first, so a CPU that lacks an advertised feature fails there, not here.
+FM_EXPORT int fm_selftest(void) {
+    uint8_t blk[34] = {0, 0x3c};  // fp16 1.0
+    for (int j = 0; j < 32; j++) blk[2 + j] = (uint8_t)(j - 16);
+    float x[32], y = 0.f;
+    for (int j = 0; j < 32; j++) x[j] = 1.f;
+    if (fm_qmatmul(T_Q8_0, blk, 1, 32, x, 1, &y, 1) != 0) return 1;
+    return fabsf(y - (-16.f)) < 0.5f ? 0 : 2;
+}
