@@ -13,6 +13,7 @@ so the numbers are the host side of a decode step on a Mac:
     python benchmarks/bench_decode_budget.py                      # synthetic Qwen3-30B-A3B dims, 2 layers
     python benchmarks/bench_decode_budget.py --model gemma        # the embedded Gemma-3-270M
     python benchmarks/bench_decode_budget.py --model path/to.gguf --tokens 8
+    python benchmarks/bench_decode_budget.py --launch layer dispatcher   # side by side: layer launches vs per-kernel ops
 
 Budget (issue 11): Qwen3-30B-A3B Q4_K_M reads ~1.92 GB per token; at 60% of an M-Max's 400 GB/s
 that is ~8 ms per token, ~170 us per layer for 48 layers. Goal: <= 10 dispatches per layer,
@@ -275,7 +276,12 @@ def run(model, prompt_len: int, tokens: int, count: bool, generate_kwargs: dict,
     probe = ForwardProbe(model, stats)
     ids = torch.randint(3, min(model.config.vocab_size, 1000), (1, prompt_len), generator=torch.Generator().manual_seed(0))
     gen_stats = Stats()
-    path = metal_launch_path(stats or gen_stats) if launch == "dispatcher" else direct_calls(gen_stats, launch == "unchecked")
+    if launch in ("dispatcher", "layer"):
+        path = metal_launch_path(stats or gen_stats)
+    else:
+        path = direct_calls(gen_stats, launch == "unchecked")
+    # "layer": the decoder layers call the launch functions themselves (models/launch.py, the default on MPS)
+    model.launch_path = launch == "layer"
     with path, torch.inference_mode():
         ctx = contextlib.ExitStack()
         if count:
@@ -286,6 +292,7 @@ def run(model, prompt_len: int, tokens: int, count: bool, generate_kwargs: dict,
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens + 1,
                            min_new_tokens=tokens + 1, do_sample=False, pad_token_id=0, **generate_kwargs)
     probe.remove()
+    model.launch_path = None
     return probe.calls, stats
 
 
@@ -324,9 +331,11 @@ def main():
                    help="activation dtype (float32: the CPU has no fast float16 for the aten ops that still run)")
     p.add_argument("--repeat", type=int, default=3, help="timed generate() runs (the minimum is reported)")
     p.add_argument("--breakdown", action="store_true", help="print the aten ops of one layer")
-    p.add_argument("--launch", nargs="+", default=["dispatcher"], choices=("dispatcher", "direct", "unchecked"),
-                   help="experiment: time the ops through the dispatcher (default), as direct Python calls of their "
-                        "MPS functions (direct), or of their unchecked launch_* variants (unchecked)")
+    p.add_argument("--launch", nargs="+", default=["layer"], choices=("layer", "dispatcher", "direct", "unchecked"),
+                   help="how the decoder layers reach the kernels: calling the launch functions themselves (layer, "
+                        "what MPS runs; default), one op per kernel through the dispatcher (dispatcher), or, as "
+                        "experiments, every op replaced by a direct Python call of its MPS function (direct) or of its "
+                        "unchecked launch_* variant (unchecked). The first one listed is counted and is the base of the ratios")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: host cost is single-threaded; more threads only spin)")
     a = p.parse_args()
@@ -335,7 +344,7 @@ def main():
     model = load(a.model, a.layers, getattr(torch, a.dtype))
     L = len(model.layers)
     # counted run (the dispatch mode costs host time itself: timing runs go without it)
-    calls, stats = run(model, a.prompt, a.tokens, True, {})
+    calls, stats = run(model, a.prompt, a.tokens, True, {}, a.launch[0] if a.launch[0] in ("layer", "dispatcher") else "dispatcher")
     s = summarize(model, calls, stats, L)
     tokens_run = sum(1 for c in calls if c["T"] == 1) + 1
     decode = [c for c in calls if c["T"] == 1]

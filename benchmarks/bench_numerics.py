@@ -36,11 +36,15 @@ _NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bf
 
 
 def block_output(out) -> torch.Tensor:
-    """The residual stream after a block: a block returns (stream, its output still to add) and the
-    next block's add+RMSNorm sums them in the activation dtype (float32 here, to see the true size)."""
+    """The residual stream after a block: a block returns (stream, (its output still to add, the
+    sandwich norm to apply to it first or None)) and the next block's add+RMSNorm sums them in the
+    activation dtype (float32 here, to see the true size)."""
     if isinstance(out, tuple):
         x, pending = out
-        return x if pending is None else x.float() + pending.float()
+        if pending is None:
+            return x
+        h, pre = pending
+        return x.float() + (h if pre is None else pre(h)).float()
     return out
 
 

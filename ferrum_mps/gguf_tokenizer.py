@@ -22,6 +22,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# llama.cpp's tokenizer models that our families use: SentencePiece-style (llama, gemma) and byte-level BPE (gpt2: qwen, llama 3).
+TOKENIZER_MODELS = ("gpt2", "llama")
+
+
 def check_tokenizer_metadata(md: dict, source: str) -> None:
     """GGUFError naming `source` and the key when the `tokenizer.*` metadata cannot describe a working tokenizer."""
 
@@ -33,6 +37,9 @@ def check_tokenizer_metadata(md: dict, source: str) -> None:
         fail("no tokenizer in this file (metadata lacks tokenizer.ggml.model)")
     if not isinstance(model, str) or not model:
         fail(f"tokenizer.ggml.model must be a non-empty string, got {model!r}")
+    if model not in TOKENIZER_MODELS:
+        # transformers 5.0 silently builds some tokenizer for an unknown model; refuse it here.
+        fail(f"tokenizer.ggml.model {model!r} is not supported (supported: {', '.join(TOKENIZER_MODELS)})")
     tokens = md.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
         fail(f"tokenizer.ggml.tokens must be a non-empty array of strings, got {_describe(tokens)}")

@@ -30,7 +30,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-from . import metal, ops, quants, shaders
+from . import metal, native, ops, quants, shaders
 from .ops import moe as M
 from .ops.fused_linear import FUSED_QTYPES
 
@@ -142,7 +142,8 @@ def op_check(op: str, make_args: Callable[[torch.Generator, Env], Sequence], mut
     def run(env: Env) -> float:
         args = list(make_args(torch.Generator().manual_seed(0), env))
         dev = [a.clone().to(env.device) if isinstance(a, torch.Tensor) else a for a in args]
-        ref = getattr(torch.ops.ferrum, op)(*args)
+        with native.disabled():  # the exact float reference (native CPU kernels quantize activations to int8)
+            ref = getattr(torch.ops.ferrum, op)(*args)
         got = device_impl(op)(*dev)
         outs = [x for x in (ref if isinstance(ref, (tuple, list)) else (ref,)) if x is not None]
         gots = [x for x in (got if isinstance(got, (tuple, list)) else (got,)) if x is not None]
@@ -198,9 +199,10 @@ def _rms_norm_args(dtype, g, env):
     return randn(g, 3, h, dtype=dtype) * 4, (1 + 0.1 * randn(g, h)).to(dtype), 1e-6
 
 
-def _add_rms_norm_args(dtype, g, env):
+def _add_rms_norm_args(dtype, g, env, pre=False):
     x, w, eps = _rms_norm_args(dtype, g, env)
-    return x, randn(g, *x.shape, dtype=dtype), w, eps
+    args = (x, randn(g, *x.shape, dtype=dtype), w, eps)
+    return args + ((1 + 0.1 * randn(g, x.shape[-1])).to(dtype),) if pre else args  # pre_weight: Gemma's sandwich norm
 
 
 def _qk_norm_rope_cache_args(dtype, interleaved, g, env):
@@ -270,6 +272,8 @@ CHECKS: list[Check] = [
     *[Check(f"rms_norm {_DT[dt]}", op_check("rms_norm", partial(_rms_norm_args, dt)), TOL[dt], _quick(None, dt)) for dt in DTYPES],
     *[Check(f"add_rms_norm {_DT[dt]}", op_check("add_rms_norm", partial(_add_rms_norm_args, dt)), TOL[dt], _quick(None, dt))
       for dt in DTYPES],
+    *[Check(f"add_rms_norm pre_weight {_DT[dt]}", op_check("add_rms_norm", partial(_add_rms_norm_args, dt, pre=True)), TOL[dt],
+            _quick(None, dt)) for dt in DTYPES],
     *[Check(f"qk_norm_rope_cache {_DT[dt]} {'interleaved' if il else 'neox'}",
             op_check("qk_norm_rope_cache", partial(_qk_norm_rope_cache_args, dt, il), mutated=(9, 10)), TOL[dt], _quick(None, dt))
       for dt in DTYPES for il in (False, True)],

@@ -1,6 +1,7 @@
 // Fused decode-path kernels around attention and routing (ferrum_mps/ops/norm.py launches them):
 //   rms_norm            y = w * T(x * rsqrt(mean(x^2) + eps))                  one threadgroup per row
 //   add_rms_norm        s = T(r + x); y = rms_norm(s)                            one threadgroup per row
+//   norm_add_rms_norm   s = T(r + rms_norm(x, pre_w)); y = rms_norm(s, w)        one threadgroup per row
 //   qk_norm_rope_cache  per-head RMSNorm + RoPE on q and k, k/v into the cache   one threadgroup per head
 //   moe_gate_route      router mat-vec + softmax + top-k (+ renormalise)         one threadgroup per token
 //
@@ -126,6 +127,51 @@ kernel void add_rms_norm(
         ss += dot(a, a);
     }
     const float r = precise::rsqrt(norm_tg_sum(ss, part, sg, lane, nsg) / float(H) + eps);
+    for (long i = long(tid) * V; i < H; i += step) {
+        L::store(y + off + i, L::load(w + i) * norm_round4<T>(LR::load(s + off + i) * r));
+    }
+}
+
+// Gemma's sandwich norm fused with the residual add and the next norm (add_rms_norm with a
+// pre_weight): xn = T(pw * T(x * rsqrt(mean(x^2) + eps))); s = TR(r + xn);
+// y = w * T(s * rsqrt(mean(s^2) + eps)). Two reductions, each with its own partial-sum array
+// (no barrier needed between them). Each thread re-reads only the elements it wrote itself.
+template <typename T, typename TR, int V>
+kernel void norm_add_rms_norm(
+    device const T *x [[buffer(0)]],
+    device const T *pw [[buffer(1)]],
+    device const TR *res [[buffer(2)]],
+    device const T *w [[buffer(3)]],
+    device T *y [[buffer(4)]],
+    device TR *s [[buffer(5)]],
+    constant long &H [[buffer(6)]],
+    constant float &eps [[buffer(7)]],
+    uint2 tg [[threadgroup_position_in_grid]],
+    uint2 ntg [[threads_per_threadgroup]],
+    ushort tid [[thread_index_in_threadgroup]],
+    ushort sg [[simdgroup_index_in_threadgroup]],
+    ushort lane [[thread_index_in_simdgroup]],
+    ushort nsg [[simdgroups_per_threadgroup]])
+{
+    typedef norm_io<T, V> L;
+    typedef norm_io<TR, V> LR;
+    threadgroup float part_x[NORM_MAX_SG];
+    threadgroup float part_s[NORM_MAX_SG];
+    const long step = long(ntg.x) * V, off = long(tg.y) * H;
+    float ssx = 0.0f;
+    for (long i = long(tid) * V; i < H; i += step) {
+        const float4 a = L::load(x + off + i);
+        ssx += dot(a, a);
+    }
+    const float rx = precise::rsqrt(norm_tg_sum(ssx, part_x, sg, lane, nsg) / float(H) + eps);
+    float ss = 0.0f;
+    for (long i = long(tid) * V; i < H; i += step) {
+        const float4 xn = norm_round4<T>(L::load(pw + i) * norm_round4<T>(L::load(x + off + i) * rx));
+        const float4 a = norm_round4<TR>(LR::load(res + off + i) + xn);
+        LR::store(s + off + i, a);
+        ss += dot(a, a);
+    }
+    const float r = precise::rsqrt(norm_tg_sum(ss, part_s, sg, lane, nsg) / float(H) + eps);
     for (long i = long(tid) * V; i < H; i += step) {
         L::store(y + off + i, L::load(w + i) * norm_round4<T>(LR::load(s + off + i) * r));
     }
@@ -315,7 +361,10 @@ kernel void moe_gate_route(
 
 #define ADD_INST(T, TN, TR, RN, V)                                                                             \
     template [[host_name("add_rms_norm_" #TN "_" #RN "_v" #V)]] kernel void add_rms_norm<T, TR, V>(          \
-        NORM_ARGS_ADD(T, TR));
+        NORM_ARGS_ADD(T, TR)); \
+    template [[host_name("norm_add_rms_norm_" #TN "_" #RN "_v" #V)]] kernel void norm_add_rms_norm<T, TR, V>( \
+        device const T *, device const T *, device const TR *, device const T *, device T *, device TR *,     \
+        constant long &, constant float &, uint2, uint2, ushort, ushort, ushort, ushort);
 
 #define NORM_INST_V(T, TN, V)                                                                                  \
     template [[host_name("rms_norm_" #TN "_v" #V)]] kernel void rms_norm<T, V>(NORM_ARGS_ROW(T));             \

@@ -26,9 +26,10 @@ class Step:
     """
 
     def __init__(self, cache, cache_position: Tensor, position_ids: Tensor, attention_mask, ropes: tuple,
-                 windows: tuple, make_masks):
+                 windows: tuple, make_masks, launch: bool = False):
         self.cache = cache  # None, a transformers Cache or our StaticCache
         self.static = isinstance(cache, StaticCache)
+        self.launch = launch and self.static  # layers call the MPS launch functions themselves (models/launch.py)
         self.cache_position = cache_position  # [T] long: the cache slots of the new tokens
         self.position_ids = position_ids  # [B, T] long: rope positions
         self.attention_mask = attention_mask  # [B, >= S] (1 = real token) or None
@@ -63,9 +64,10 @@ class RMSNorm(nn.Module):
     def forward(self, x):  # weight * T(x * rsqrt(mean(x^2) + eps)), float32 statistics, in one launch
         return _ops.rms_norm(x, self.weight, self.eps)
 
-    def add(self, x, residual):
-        """(norm(residual + x), residual + x) in one launch."""
-        return _ops.add_rms_norm(x, residual, self.weight, self.eps)
+    def add(self, x, residual, pre: "RMSNorm | None" = None):
+        """(norm(residual + x), residual + x) in one launch; with `pre`, x is normed by it first
+        (Gemma's sandwich norms: the same launch, so a sandwich block costs no extra dispatch)."""
+        return _ops.add_rms_norm(x, residual, self.weight, self.eps, None if pre is None else pre.weight)
 
 
 class RoPE(nn.Module):
@@ -176,18 +178,24 @@ class Block(nn.Module):
         self.self_attn, self.mlp = Attention(c, i, w, dtype, make_linear), ffn
         self.post_attn_norm = norm("post_attn_norm") if c.sandwich_norms else None
         self.post_ffn_norm = norm("post_ffn_norm") if c.sandwich_norms else None
+        self._launch = None  # models/launch.py's LayerLaunch, made on the first launch-path call
 
     def forward(self, x, step: Step, pending=None):
-        """x: the residual stream; pending: the previous block's output, not yet added to it.
-        Returns (x, h) where h is this block's output still to add: the next block (or the final
-        norm) adds it and normalises in one launch."""
+        """x: the residual stream; pending: (h, pre) from the previous block, its output h not yet
+        added to x and the norm to apply to h first (None unless sandwich norms).
+        Returns (x, (h, pre)) for this block: the next block (or the final norm) norms h, adds it
+        and normalises in one launch."""
+        if step.launch and self.self_attn.fused_attention:
+            if self._launch is None:
+                from .launch import LayerLaunch
+
+                self._launch = LayerLaunch(self)
+            return self._launch(x, step, pending)
         if pending is None:
             n = self.input_layernorm(x)
         else:
-            n, x = self.input_layernorm.add(pending, x)
+            n, x = self.input_layernorm.add(pending[0], x, pending[1])
         h = self.self_attn(n, step, int(self.sliding))
-        if self.post_attn_norm is not None:
-            h = self.post_attn_norm(h)
-        n, x = self.post_attention_layernorm.add(h, x)
+        n, x = self.post_attention_layernorm.add(h, x, self.post_attn_norm)
         h = self.mlp(n)
-        return x, (h if self.post_ffn_norm is None else self.post_ffn_norm(h))
+        return x, (h, self.post_ffn_norm)

@@ -58,6 +58,10 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         self.rope = RoPE(c.head_dim, c.rope_theta, c.rope_scale, factors, c.rope_interleaved)
         self.rope_local = RoPE(c.head_dim, c.rope_local_theta, 1.0, None, c.rope_interleaved) if c.rope_local_theta else None
         self._compiled_decode = None
+        # Eager forwards on a StaticCache: decoder layers call the MPS launch functions themselves
+        # (models/launch.py; 128 -> 74 host us per layer at A3B dims). None = on MPS tensors; True =
+        # on any device (CPU tensors under the Metal-on-CPU harness); False = always the ops.
+        self.launch_path: bool | None = None
         self.post_init()
 
     def init_weights(self):  # every weight comes from the file: transformers must not re-initialise them
@@ -169,8 +173,9 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask = self._padding_mask(attention_mask, B, S, seen_after)
         position_ids = self._positions(position_ids, attention_mask, cache_position, B, T)
         c = self.config
+        launch = (self.launch_path if self.launch_path is not None else h.device.type == "mps") and not torch.compiler.is_compiling()
         step = Step(cache, cache_position, position_ids, attention_mask, (self.rope, self.rope_local or self.rope),
-                    (0, c.swa_window or 0), lambda: self._masks(cache_position, S, attention_mask, B))
+                    (0, c.swa_window or 0), lambda: self._masks(cache_position, S, attention_mask, B), launch)
         pending = None
         for layer in self.layers:
             h, pending = layer(h, step, pending)
@@ -179,7 +184,7 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         return self._logits(h, pending, logits_to_keep, cache if use_cache else None)
 
     def _logits(self, h, pending, logits_to_keep, cache):
-        h = self.norm(h) if pending is None else self.norm.add(pending, h)[0]
+        h = self.norm(h) if pending is None else self.norm.add(pending[0], h, pending[1])[0]
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
         else:

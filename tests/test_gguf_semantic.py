@@ -118,10 +118,22 @@ def test_wrong_length_and_type_arrays(qwen, tmp_path):
         assert needle in str(e.value), str(e.value)
 
 
-def test_failure_inside_transformers_is_one_gguf_error(qwen, tmp_path):
+def test_unknown_tokenizer_model_is_refused(qwen, tmp_path):
     bad = rewrite(qwen, tmp_path / "bad.gguf", {"tokenizer.ggml.model": "no-such-tokenizer-model"})
-    with pytest.raises(GGUFError, match="cannot build its tokenizer"):
+    with pytest.raises(GGUFError, match="tokenizer.ggml.model 'no-such-tokenizer-model' is not supported"):
         load_tokenizer(bad, cache=False)
+
+
+def test_failure_inside_transformers_is_one_gguf_error(qwen, monkeypatch):
+    # Whatever transformers raises while building (KeyError, struct.error, a Rust panic...) becomes one GGUFError.
+    import transformers
+
+    def broken(*args, **kwargs):
+        raise KeyError("tokenizer.ggml.merges")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
+    with pytest.raises(GGUFError, match="cannot build its tokenizer: KeyError"):
+        load_tokenizer(qwen, cache=False)
 
 
 def test_truncated_file_never_reaches_transformers(qwen, tmp_path):

@@ -22,3 +22,22 @@ def test_dense_family_matches_transformers(arch):
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-3, rtol=0)
     kw = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5)
     assert model.generate(ids[:1], **kw).tolist() == ref.generate(ids[:1], **kw).tolist()
+
+
+@pytest.mark.parametrize("arch", sorted(CLASSES))
+def test_dense_launch_path_equals_cpu_ops(arch, metal_device):
+    """The layers' own launches (models/launch.py, MPS's default on a static cache; Metal kernels under the
+    harness on CPU) against the CPU ops: q/k/v biases (qwen2), QK-norm (qwen3), interleaved rope (llama)."""
+    model = loading.load_model(synthetic_gguf(arch).path, device="cpu", progress=False)
+    ids = torch.randint(0, 1027, (1, 6), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        cache = model.static_cache(1, 7)
+        want, want_step = model(ids, past_key_values=cache).logits, model(ids[:, :1], past_key_values=cache).logits
+        model.launch_path = True
+        model.to(metal_device)
+        cache = model.static_cache(1, 7)
+        got = model(ids.to(metal_device), past_key_values=cache).logits
+        got_step = model(ids[:, :1].to(metal_device), past_key_values=cache).logits
+    assert all(layer._launch is not None for layer in model.layers)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-3, rtol=0)
+    torch.testing.assert_close(got_step.cpu(), want_step, atol=1e-3, rtol=0)

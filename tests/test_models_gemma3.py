@@ -134,6 +134,41 @@ def test_sliding_window_on_the_static_cache_matches_transformers(model, ref):
     assert (ours_step[:, -1] - theirs[:, 1]).abs().max().item() < 2e-3
 
 
+def test_launch_path_with_sandwich_norms_equals_cpu_ops(model, metal_device):
+    """The layers' own launches (models/launch.py, MPS's default on a static cache), Metal kernels under
+    the harness on CPU: the sandwich norms fused into add_rms_norm, both rope bases, a sliding window
+    (shrunk to 3 so that a short prompt crosses it), against the CPU ops on the same weights. Two of the
+    18 layers keep the harness quick: layer 0 (sliding, local rope base) and layer 5 (global); the first
+    1024 rows of the 262k-row output matrix keep the CPU reference quick."""
+    from ferrum_mps.nn.linear import QuantLinear
+
+    ids = torch.randint(3, 200_000, (1, 5), generator=torch.Generator().manual_seed(2))
+    ids[0, 0] = 2
+    window, layers, lm_head = model.config.swa_window, model.layers, model.lm_head
+    assert layers[0].sliding and not layers[5].sliding
+    head = QuantLinear(lm_head.in_features, 1024, lm_head.qtype)
+    head.load_state_dict({"raw": lm_head.raw[:1024], "qtype_id": lm_head.qtype_id})
+    model.config.swa_window, model.layers, model.lm_head = 3, torch.nn.ModuleList([layers[0], layers[5]]), head
+    try:
+        with torch.no_grad():
+            cache = model.static_cache(1, 6)
+            want = model(ids, past_key_values=cache, logits_to_keep=1).logits
+            want_step = model(ids[:, -1:], past_key_values=cache).logits
+            model.launch_path = True
+            if metal_device.type == "mps":
+                model.to("mps")
+            cache = model.static_cache(1, 6)
+            got = model(ids.to(metal_device), past_key_values=cache, logits_to_keep=1).logits
+            got_step = model(ids[:, -1:].to(metal_device), past_key_values=cache).logits
+            assert all(layer._launch is not None for layer in model.layers)
+    finally:
+        model.config.swa_window, model.layers, model.lm_head = window, layers, lm_head
+        model.launch_path = None
+        model.to("cpu")
+    torch.testing.assert_close(got.cpu(), want, atol=2e-3, rtol=0)
+    torch.testing.assert_close(got_step.cpu(), want_step, atol=2e-3, rtol=0)
+
+
 @pytest.mark.native
 def test_native_cpu_kernels_keep_greedy_continuation(model, ref, prompt_ids):
     # The native kernels quantize activations to int8 per 32 values (as llama.cpp): logits move

@@ -11,6 +11,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import ferrum_mps.loading as loading
 from ferrum_mps.models import Qwen3MoeForCausalLM, StaticCache
+from ferrum_mps.models.launch import LayerLaunch
 from ferrum_mps.nn.moe import FusedMoE
 from ferrum_mps import metal
 from ferrum_mps.testing.synthetic import synthetic_gguf
@@ -265,9 +266,23 @@ def metal_kernels_on_cpu():
         lib._destroy()  # the CPU reference kernels are back
 
 
+@pytest.fixture
+def layer_launches(monkeypatch):
+    """Counts the decoder-layer calls that ran models/launch.py's launch path."""
+    n, call = [0], LayerLaunch.__call__
+
+    def counted(self, *args):
+        n[0] += 1
+        return call(self, *args)
+
+    monkeypatch.setattr(LayerLaunch, "__call__", counted)
+    return n
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_whole_model_on_the_metal_path_equals_cpu_ops(synth, metal_device, dtype):
-    """The same model through the Metal kernels (harness on CPU, the GPU on a Mac): prefill and a decode step."""
+def test_whole_model_on_the_metal_path_equals_cpu_ops(synth, metal_device, dtype, layer_launches):
+    """The same model through the Metal kernels (harness on CPU, the GPU on a Mac): prefill and a decode step,
+    per-kernel ops on a DynamicCache, the layers' own launches (models/launch.py) on the static cache."""
     cpu = loading.load_model(synth.path, device="cpu", dtype=dtype, progress=False)
     ids = prompt(6, 4)
     with torch.no_grad():
@@ -282,20 +297,48 @@ def test_whole_model_on_the_metal_path_equals_cpu_ops(synth, metal_device, dtype
         with ctx as calls:
             got = run(ids, use_cache=True)
             got_step = run(ids[:, :1], past_key_values=got.past_key_values).logits
-            # the static cache (generate()'s default): fused q/k norm + rope + cache write, decode attention
+            # the static cache (generate()'s default): fused q/k norm + rope + cache write, decode attention,
+            # every kernel of a layer launched by the layer itself (the default on MPS tensors)
+            model.launch_path = True
             cache = model.static_cache(1, 8)
             got_static = run(ids, past_key_values=cache).logits
             got_static_step = run(ids[:, :1], past_key_values=cache).logits
+    assert layer_launches[0] == 2 * 2  # 2 layers x the 2 static-cache forwards
     if metal_device.type == "cpu":  # every op really went through the Metal launch code
-        assert calls["qembedding"] == 4 and calls["moe_ffn"] == 2 * 4 and calls["moe_gate_route"] == 2 * 4
-        assert calls["qkv_linear"] == 2 * 4 and calls["qlinear"] == 4 * 3  # o_proj x 2 layers + lm_head
-        assert calls["qk_norm_rope_cache"] == calls["decode_attention"] == 2 * 2
-        assert calls["add_rms_norm"] == 4 * 4 and calls["rms_norm"] == 4 * 1 + 2 * 2 * 2  # layer-0 norm; dynamic q/k norms
+        # the 2 DynamicCache forwards through the ops; of the static ones only embedding, final norm and lm_head
+        assert calls["qembedding"] == 4 and calls["moe_ffn"] == 2 * 2 and calls["moe_gate_route"] == 2 * 2
+        assert calls["qkv_linear"] == 2 * 2 and calls["qlinear"] == 2 * 2 + 4  # o_proj x 2 layers; lm_head
+        assert "qk_norm_rope_cache" not in calls and "decode_attention" not in calls
+        # 3 residual adds + the final norm per forward; layer-0 norm + q/k norms
+        assert calls["add_rms_norm"] == 2 * 4 + 2 and calls["rms_norm"] == 2 * (1 + 2 * 2)
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.logits.cpu().float(), want.logits.float(), atol=tol, rtol=0)
     torch.testing.assert_close(got_step.cpu().float(), want_step.float(), atol=tol, rtol=0)
     torch.testing.assert_close(got_static.cpu().float(), want.logits.float(), atol=tol, rtol=0)
     torch.testing.assert_close(got_static_step.cpu().float(), want_step.float(), atol=tol, rtol=0)
+
+
+def test_launch_path_in_generate_and_under_compile(model, metal_device, layer_launches):
+    """generate() on the layers' own launches equals the CPU ops; torch.compile(fullgraph) traces the ops instead."""
+    ids = prompt(5, 8)
+    want_toks, want_logits, _ = generate_with_logits(model, ids, 3)
+    model.launch_path = True
+    try:
+        if metal_device.type == "mps":
+            model.to("mps")
+        toks, logits, _ = generate_with_logits(model, ids.to(metal_device), 3)
+        assert layer_launches[0] == 2 * 3  # 2 layers x (prefill + 2 one-token steps)
+        torch._dynamo.reset()
+        model.compile_decode()  # fullgraph: a graph break on the launch path would raise
+        comp_toks, comp_logits, _ = generate_with_logits(model, ids.to(metal_device), 3)
+        assert layer_launches[0] == 2 * 3 + 2  # the eager prefill only: compiled steps run the ops
+    finally:
+        model.compile_decode(enabled=False)
+        model.launch_path = None
+        model.to("cpu")
+    assert toks.tolist() == want_toks.tolist() == comp_toks.tolist()
+    torch.testing.assert_close(logits.cpu(), want_logits, atol=1e-3, rtol=0)
+    torch.testing.assert_close(comp_logits.cpu(), want_logits, atol=1e-3, rtol=0)
 
 
 def test_dense_layers_inside_a_moe_model():

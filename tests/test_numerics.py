@@ -46,11 +46,15 @@ def test_half_activations_track_float32(synth, reference, dtype):
 
 def _residual_max(model):
     """Forward hooks recording the largest |value| of the residual stream after each decoder block
-    (a block returns the stream and its own output still to add: their sum, taken in float32)."""
+    (a block returns the stream and (its own output still to add, the sandwich norm to apply to it
+    first or None): their sum, taken in float32)."""
     seen = []
 
     def hook(module, args, out):
         x, pending = out if isinstance(out, tuple) else (out, None)
+        if pending is not None:
+            h, pre = pending
+            pending = h if pre is None else pre(h)
         s = x.float() if pending is None else x.float() + pending.float()
         seen.append(s.abs().max().item())
 

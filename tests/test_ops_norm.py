@@ -100,6 +100,31 @@ def test_add_rms_norm_float32_residual_stream(dtype):
     close(normed, ref(res + x.float()).to(dtype), dtype)  # float32 module, then one rounding
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_pre_weight_matches_gemma3_sandwich(dtype):
+    # Gemma3DecoderLayer: residual + post_attention_layernorm(h), then pre_feedforward_layernorm of the sum.
+    # GGUF stores (1 + w) for both norms, which our plain norms multiply by.
+    H = 64
+    post, pre_ffn = Gemma3RMSNorm(H, eps=1e-6), Gemma3RMSNorm(H, eps=1e-6)
+    with torch.no_grad():
+        post.weight.copy_(0.3 * torch.randn(H, generator=gen(14)))
+        pre_ffn.weight.copy_(0.3 * torch.randn(H, generator=gen(15)))
+    h, res = (3 * torch.randn(2, 3, H, generator=gen(16))).to(dtype), torch.randn(2, 3, H, generator=gen(17)).to(dtype)
+    normed, s = ops.add_rms_norm(h, res, (1 + pre_ffn.weight.detach()).to(dtype), 1e-6,
+                                 (1 + post.weight.detach()).to(dtype))
+    with torch.no_grad():
+        ref_s = res + post(h)
+        ref_n = pre_ffn(ref_s)
+    # Gemma rounds once per norm, we twice (w * T(x_hat)), and the sum rounds once more: two steps
+    tol = {k: 2 * v for k, v in TOL[dtype].items()}
+    torch.testing.assert_close(s.float(), ref_s.float(), **tol)
+    torch.testing.assert_close(normed.float(), ref_n.float(), **tol)
+    # and exactly the two-op composition the model used before the fusion
+    n0, s0 = ops.add_rms_norm(ops.rms_norm(h, (1 + post.weight.detach()).to(dtype), 1e-6), res,
+                              (1 + pre_ffn.weight.detach()).to(dtype), 1e-6)
+    assert torch.equal(s, s0) and torch.equal(normed, n0)
+
+
 def hf_rope(x_bhtd, cos, sin):
     """transformers' apply_rotary_pos_emb on one tensor [B, H, T, D] (cos/sin [B, T, D], float32)."""
     out, _ = apply_rotary_pos_emb(x_bhtd, x_bhtd, cos, sin)
@@ -239,6 +264,7 @@ def test_opcheck():
     torch.library.opcheck(ops.rms_norm.default, (x, w, 1e-6))
     torch.library.opcheck(ops.rms_norm.default, (x.half(), w.half(), 1e-6))
     torch.library.opcheck(ops.add_rms_norm.default, (x, r, w, 1e-6))
+    torch.library.opcheck(ops.add_rms_norm.default, (x, r, w, 1e-6, torch.randn(16)))
     q, k, v = qk_inputs(1, 2, 4, 2, 8, torch.float32, 40)
     args = (q, k, v, torch.randn(8), torch.randn(8), 1e-6, torch.rand(4), torch.tensor([[3, 4]]), False,
             torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8), torch.tensor([3, 4]))
@@ -286,6 +312,8 @@ def test_bad_input_names_the_problem():
         ops.rms_norm(x.long(), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="residual must have x's shape"):
         ops.add_rms_norm(x, torch.randn(3, 8), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match=r"pre_weight must have shape \(8,\)"):
+        ops.add_rms_norm(x, x, torch.ones(8), 1e-6, torch.ones(9))
     with pytest.raises(TypeError, match="residual must be torch.float16"):
         ops.add_rms_norm(x.half(), torch.randn(2, 8, dtype=torch.bfloat16), torch.ones(8, dtype=torch.float16), 1e-6)
     q, k, v = qk_inputs(1, 2, 2, 1, 8, torch.float32, 0)
@@ -331,6 +359,19 @@ def test_metal_add_rms_norm(metal_device, dtype, rdtype):
     normed, s = metal.add_rms_norm(x.to(metal_device), res.to(metal_device), w.to(metal_device), 1e-5)
     ref_n, ref_s = ops.add_rms_norm(x, res, w, 1e-5)
     assert s.dtype == rdtype and torch.equal(s.cpu(), ref_s)
+    close(normed, ref_n, dtype)
+
+
+@pytest.mark.parametrize("dtype,rdtype,H", [(torch.float32, torch.float32, 128), (torch.float16, torch.float16, 70),
+                                             (torch.bfloat16, torch.float32, 128)])
+def test_metal_add_rms_norm_pre_weight(metal_device, dtype, rdtype, H):
+    x, res = (3 * torch.randn(2, 3, H, generator=gen(66))).to(dtype), torch.randn(2, 3, H, generator=gen(67)).to(rdtype)
+    w, pw = ((1 + 0.2 * torch.randn(H, generator=gen(s))).to(dtype) for s in (68, 69))
+    d = metal_device
+    normed, s = metal.add_rms_norm(x.to(d), res.to(d), w.to(d), 1e-6, pw.to(d))
+    ref_n, ref_s = ops.add_rms_norm(x, res, w, 1e-6, pw)
+    assert s.dtype == rdtype
+    close(s, ref_s, dtype)
     close(normed, ref_n, dtype)
 
 

@@ -1,5 +1,8 @@
 """Fused decode-path ops: `ferrum::rms_norm`, `ferrum::add_rms_norm`, `ferrum::qk_norm_rope_cache`, `ferrum::moe_gate_route`.
 
+`add_rms_norm`'s optional `pre_weight` norms x first (Gemma's post-attention / post-FFN
+sandwich norms fused with the residual add and the next norm: one launch instead of two).
+
 Each op: schema, CPU implementation (the reference semantics of models/base.py and the
 fallback), fake implementation (shapes for torch.compile) and MPS implementation (exactly one
 Metal launch per call, kernels in metal_ops/norm.metal, no host sync). The MPS functions are
@@ -96,8 +99,11 @@ def _check_norm(x: Tensor, weight: Tensor, eps: float) -> int:
     return H
 
 
-def _check_add(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> int:
+def _check_add(x: Tensor, residual: Tensor, weight: Tensor, eps: float, pre_weight: Tensor | None = None) -> int:
     H = _check_norm(x, weight, eps)
+    if pre_weight is not None:
+        _check_weight(pre_weight, x, "pre_weight", H)
+        _check_devices(x=x, pre_weight=pre_weight)
     _check_float(residual, "residual")
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
@@ -197,20 +203,31 @@ def _rms_norm_fake(x, weight, eps):
 # ---------------------------------------------------------------------------- ferrum::add_rms_norm
 
 
-_lib.define("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)", tags=_TAGS)
+_lib.define(
+    "add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, Tensor? pre_weight=None) -> (Tensor, Tensor)",
+    tags=_TAGS,
+)
 
 
-def add_rms_norm_cpu(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm_cpu(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float, pre_weight: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(normed, s): s = residual + x, the new residual stream, in residual's dtype (x's dtype, or
     float32 for a float32 residual stream under half activations); normed = rms_norm(s) in x's dtype:
-    weight * T(s * rsqrt(mean(s^2) + eps)), T = x.dtype."""
-    _check_add(x, residual, weight, eps)
+    weight * T(s * rsqrt(mean(s^2) + eps)), T = x.dtype.
+
+    pre_weight: x is first normed with it (rms_norm(x, pre_weight, eps), same eps): Gemma's
+    sandwich norm on a block's output, fused with the residual add and the next norm.
+    """
+    _check_add(x, residual, weight, eps, pre_weight)
+    if pre_weight is not None:
+        x = _rms(x, pre_weight, eps)
     s = (residual + x).contiguous()
     return _rms(s, weight, eps).contiguous(), s
 
 
-def _add_rms_norm_fake(x, residual, weight, eps):
-    _check_add(x, residual, weight, eps)
+def _add_rms_norm_fake(x, residual, weight, eps, pre_weight=None):
+    _check_add(x, residual, weight, eps, pre_weight)
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(residual, memory_format=torch.contiguous_format)
 
 
@@ -349,22 +366,32 @@ def launch_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return y
 
 
-def add_rms_norm_mps(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    _check_add(x, residual, weight, eps)
-    return launch_add_rms_norm(x, residual, weight, eps)
+def add_rms_norm_mps(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float, pre_weight: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    _check_add(x, residual, weight, eps, pre_weight)
+    return launch_add_rms_norm(x, residual, weight, eps, pre_weight)
 
 
-def launch_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def launch_add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float, pre_weight: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """add_rms_norm_mps without its argument checks."""
     H = x.shape[-1]
     x, residual, weight = x.contiguous(), residual.contiguous(), weight.contiguous()
     y, s = torch.empty_like(x), torch.empty_like(residual)
     rows = x.numel() // H if H else 0
     if rows:
-        V = _vec(H, x, residual, weight)
+        vec_args = (x, residual, weight) if pre_weight is None else (x, residual, weight, pre_weight)
+        V = _vec(H, *vec_args)
         nt = _width(H // V)
-        k = shaders.kernel("norm.metal", f"add_rms_norm_{_DT[x.dtype]}_{_DT[residual.dtype]}_v{V}")
-        k(x, residual, weight, y, s, H, float(eps), threads=[nt, rows], group_size=[nt, 1])
+        types = f"{_DT[x.dtype]}_{_DT[residual.dtype]}_v{V}"
+        if pre_weight is None:
+            k = shaders.kernel("norm.metal", f"add_rms_norm_{types}")
+            k(x, residual, weight, y, s, H, float(eps), threads=[nt, rows], group_size=[nt, 1])
+        else:
+            k = shaders.kernel("norm.metal", f"norm_add_rms_norm_{types}")
+            k(x, pre_weight.contiguous(), residual, weight, y, s, H, float(eps), threads=[nt, rows], group_size=[nt, 1])
     return y, s
 
 
