@@ -167,14 +167,17 @@ def test_moe_native_bad_ids_still_raise(experts):
 def test_portable_build_matches_the_simd_build(qt):
     # The lowest level (no AVX2 on x86; the code an arm64 CPU runs) is plain C++: same
     # arithmetic in the same order, so it matches the loaded library to float rounding.
+    # m = 1 runs the fused in-place kernels on AVX2; m = 5 the unpacked 4-row and 1-row ones.
     lowest = native.isa_levels()[-1]
     lib = native.library_for(lowest)
-    n, k, m = 24, 512, 5
-    raw, x = _raw(qt, n, k), torch.randn(m, k)
-    out = torch.empty(m, n)
-    assert lib.fm_qmatmul(int(qt), raw.data_ptr(), n, k, x.data_ptr(), m, out.data_ptr(), 2) == 0
-    assert _rel(out, x @ _gguf_weight(raw, qt, n, k).T) <= REL_TOL
-    torch.testing.assert_close(out, torch.ops.ferrum.qlinear(x, raw, int(qt), n, k), rtol=1e-5, atol=1e-4)
+    n, k = 24, 512
+    raw = _raw(qt, n, k)
+    for m in (1, 5):
+        x = torch.randn(m, k)
+        out = torch.empty(m, n)
+        assert lib.fm_qmatmul(int(qt), raw.data_ptr(), n, k, x.data_ptr(), m, out.data_ptr(), 2) == 0
+        assert _rel(out, x @ _gguf_weight(raw, qt, n, k).T) <= REL_TOL
+        torch.testing.assert_close(out, torch.ops.ferrum.qlinear(x, raw, int(qt), n, k), rtol=1e-5, atol=1e-4)
 
 
 def test_fallback_when_the_library_does_not_build(monkeypatch, tmp_path, caplog):
