@@ -232,3 +232,20 @@ def test_qk_norm_rope_cache_native_decode_token(interleaved, norm):
         ref = torch.ops.ferrum.qk_norm_rope_cache(*args, kc2, vc2, torch.tensor([slot]))
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kc, kc2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pre", [False, True])
+def test_add_rms_norm_native(pre):
+    # float32 rows run fm_add_rms_norm; against a double reference written here and the torch path.
+    g = torch.Generator().manual_seed(11)
+    x, r = torch.randn(2, 3, 640, generator=g), torch.randn(2, 3, 640, generator=g)
+    w, pw, eps = torch.randn(640, generator=g), torch.randn(640, generator=g) if pre else None, 1e-6
+    rms = lambda v, g_: g_.double() * (v * (v.pow(2).mean(-1, keepdim=True) + eps).rsqrt())  # noqa: E731
+    s_ref = r.double() + (rms(x.double(), pw) if pre else x.double())
+    normed, s = torch.ops.ferrum.add_rms_norm(x, r, w, eps, pw)
+    torch.testing.assert_close(s, s_ref.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(normed, rms(s_ref, w).float(), rtol=1e-5, atol=1e-5)
+    with native.disabled():
+        ref = torch.ops.ferrum.add_rms_norm(x, r, w, eps, pw)
+    torch.testing.assert_close(normed, ref[0], rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.ferrum.add_rms_norm.default, (x, r, w, eps, pw))

@@ -44,7 +44,7 @@ SOURCE = HERE / "qkernels.cpp"
 QTYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 
 __all__ = ["QTYPES", "available", "enabled", "set_enabled", "disabled", "status", "isa_levels",
-           "qmatmul", "moe_matmul", "get_rows", "qk_norm_rope_cache"]
+           "qmatmul", "moe_matmul", "get_rows", "qk_norm_rope_cache", "add_rms_norm"]
 
 _state = {"enabled": True}
 _lock = threading.Lock()
@@ -192,7 +192,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fm_get_rows.argtypes = [i32, p, i64, p, i64, p, i32]
     f32 = ctypes.c_float
     lib.fm_qk_norm_rope_cache.argtypes = [p, p, p, i64, i64, i64, p, p, f32, p, i64, i32, p, p, i64, i64, p]
-    for f in (lib.fm_qmatmul, lib.fm_moe_matmul, lib.fm_get_rows, lib.fm_qk_norm_rope_cache):
+    lib.fm_add_rms_norm.argtypes = [p, p, p, p, f32, i64, i64, p, p]
+    for f in (lib.fm_qmatmul, lib.fm_moe_matmul, lib.fm_get_rows, lib.fm_qk_norm_rope_cache, lib.fm_add_rms_norm):
         f.restype = ctypes.c_int
     if lib.fm_abi_version() != 2:
         raise OSError("stale native library (ABI version mismatch)")
@@ -302,3 +303,23 @@ def qk_norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, pos
                                      eps, inv_freq.data_ptr(), position, int(interleaved), k_cache.data_ptr(),
                                      v_cache.data_ptr(), S, slot, out.data_ptr()), "qk_norm_rope_cache")
     return out
+
+
+def add_rms_norm(x, residual, weight, eps, pre_weight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """ferrum::add_rms_norm when everything is float32 (arguments already checked by the op), else None."""
+    if not _state["enabled"]:
+        return None
+    ts = (x, residual, weight) + ((pre_weight,) if pre_weight is not None else ())
+    if any(t.dtype != torch.float32 for t in ts) or x.shape != residual.shape:
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    H = x.shape[-1]
+    x, residual, weight = x.contiguous(), residual.contiguous(), weight.contiguous()
+    pre = pre_weight.contiguous() if pre_weight is not None else None
+    normed, s = torch.empty_like(x), torch.empty_like(x)
+    _check(lib.fm_add_rms_norm(x.data_ptr(), residual.data_ptr(), pre.data_ptr() if pre is not None else None,
+                               weight.data_ptr(), eps, x.numel() // H if H else 0, H, normed.data_ptr(), s.data_ptr()),
+           "add_rms_norm")
+    return normed, s

@@ -1051,6 +1051,26 @@ FM_EXPORT int fm_qk_norm_rope_cache(const float* q, const float* k, const float*
     return 0;
 }
 
+// ferrum::add_rms_norm on float32 rows (36 calls per Gemma token at ~40 us of torch ops each, ~1.4 ms):
+// x' = pre ? rms(x, pre) : x; s = residual + x'; normed = rms(s, w); rms(v, g) = g * (v * (1 / sqrt(mean(v^2) + eps))).
+static inline float rms_scale(const float* v, int64_t H, float eps) {
+    float ss = 0.f;
+    for (int64_t j = 0; j < H; j++) ss += v[j] * v[j];
+    return 1.f / sqrtf(ss / (float)H + eps);
+}
+
+FM_EXPORT int fm_add_rms_norm(const float* x, const float* residual, const float* pre, const float* w, float eps,
+                              int64_t rows, int64_t H, float* normed, float* sum) {
+    if (H <= 0) return 2;
+    for (int64_t r = 0; r < rows; r++, x += H, residual += H, normed += H, sum += H) {
+        const float px = pre ? rms_scale(x, H, eps) : 1.f;
+        for (int64_t j = 0; j < H; j++) sum[j] = residual[j] + (pre ? pre[j] * (x[j] * px) : x[j]);
+        const float ps = rms_scale(sum, H, eps);
+        for (int64_t j = 0; j < H; j++) normed[j] = w[j] * (sum[j] * ps);
+    }
+    return 0;
+}
+
 // A call that exercises the instruction set the library was built for: the loader runs it
 // in a subprocess first, so a CPU that lacks an advertised feature fails there, not here.
 FM_EXPORT int fm_selftest(void) {

@@ -220,6 +220,10 @@ def add_rms_norm_cpu(
     sandwich norm on a block's output, fused with the residual add and the next norm.
     """
     _check_add(x, residual, weight, eps, pre_weight)
+    if x.numel():
+        out = native.add_rms_norm(x, residual, weight, eps, pre_weight)  # float32: one native call (~40 -> ~8 us)
+        if out is not None:
+            return out
     if pre_weight is not None:
         x = _rms(x, pre_weight, eps)
     s = (residual + x).contiguous()
