@@ -23,7 +23,7 @@ import torch
 
 from .. import shaders
 from ..kernels import DTYPE_NAMES as _DT
-from .common import check_float_dtype
+from .common import check_float_dtype, check_once, sig
 
 __all__ = ["decode_attention", "decode_attention_mps", "launch_decode_attention", "attention_plan", "check_decode_attention"]
 
@@ -141,7 +141,15 @@ def attention_plan(B: int, T: int, Hq: int, Hkv: int, S: int) -> tuple[int, int,
 
 def decode_attention_mps(q, k_cache, v_cache, cache_position, attention_mask, window, scale):
     """As the CPU op; a cache_position outside [0, S) gives a row of zeros (checking it would need a host sync)."""
-    check_decode_attention(q, k_cache, v_cache, cache_position, attention_mask, window)
+    # Checked once per key of all the check reads (common.check_once); the mask only by its dtype,
+    # rank and batch: generate()'s mask grows by one column per step.
+    try:
+        m = attention_mask
+        key = ("decode_attention", sig(q), sig(k_cache), sig(v_cache), sig(cache_position),
+               None if m is None else (m.dtype, m.shape[:1], m.dim(), m.device), window)
+    except (AttributeError, TypeError):  # not tensors: the check says what is wrong
+        key = None
+    check_once(key, check_decode_attention, q, k_cache, v_cache, cache_position, attention_mask, window)
     return launch_decode_attention(q, k_cache, v_cache, cache_position, attention_mask, window, scale)
 
 

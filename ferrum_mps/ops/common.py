@@ -8,11 +8,11 @@ from typing import Any, Callable
 import torch
 from gguf import GGMLQuantizationType
 
-from .. import quants
+from .. import quants, shaders
 
 __all__ = [
     "FLOAT_DTYPES", "FLOAT_QTYPES", "IDS_DTYPES", "TAGS", "NO_ID", "cdiv", "round_up", "check_float_dtype",
-    "check_ids", "check_same_device", "check_metal", "ids_int32", "ferrum_op",
+    "check_ids", "check_same_device", "check_metal", "ids_int32", "ferrum_op", "check_once", "sig",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -63,6 +63,33 @@ def check_metal(raw: torch.Tensor, qtype, family: str, what: str = "raw") -> GGM
     if raw.storage_offset() % 2:
         raise ValueError(f"{what} starts at odd byte offset {raw.storage_offset()}: GGML blocks need 2-byte alignment (clone it)")
     return qt
+
+
+def sig(t: torch.Tensor | None) -> tuple | None:
+    """What an argument check of tensor `t` depends on (dtype, shape, device); None stays None."""
+    return None if t is None else (t.dtype, t.shape, t.device)
+
+
+def check_once(key: Any, check: Callable, *args: Any) -> Any:
+    """`check(*args)`, run only the first time for `key` (all its outcome depends on; None: every time).
+
+    The thin launch path of the fused ops (as qlinear_mps's plans): a compiled decode step calls
+    each op per layer per token with the same shapes, and a full check costs up to ~13 us of host
+    time against ~1-3 us for building its key. The result is kept in shaders.plans (dropped with
+    the compiled kernels), so a key must hold every input the check reads.
+    """
+    try:
+        hit = shaders.plans.get(key, _MISS) if key is not None else None
+    except TypeError:  # an unhashable argument (a list for an int...): the check says what is wrong
+        key = None
+    if key is None:
+        return check(*args)
+    if hit is _MISS:
+        hit = shaders.plans[key] = check(*args)
+    return hit
+
+
+_MISS = object()
 
 
 def ids_int32(ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType
 from .. import quants, shaders
 from . import linear as L
 from ..kernels import DTYPE_NAMES
-from .common import check_metal
+from .common import check_metal, check_once
 
 Q = GGMLQuantizationType
 
@@ -53,6 +53,27 @@ def _check(x, weights, in_features) -> list:
         qts.append(L.check_raw(raw, qtype, rows, in_features, name))
         L.check_activation(x, in_features, raw)
     return qts
+
+
+def _check_mps(x, weights, in_features) -> tuple[int, ...]:
+    """_check, and Metal's needs of the weights of the one-launch path; returns the qtypes as ints."""
+    qts = _check(x, weights, in_features)
+    if all(qt in FUSED_QTYPES for qt in qts):
+        for (raw, _, _, name), qt in zip(weights, qts):
+            check_metal(raw, qt, "mv", name)
+    return tuple(int(qt) for qt in qts)
+
+
+def _key(op: str, x, weights, *rest):
+    """What _check_mps reads (as qlinear_mps's plan key), or None when no key can be formed (the check says why).
+
+    x by its dtype, last dim and device only: the token count does not add entries."""
+    try:
+        return (op, x.dtype, x.shape[-1], x.device, *rest, *(
+            (qtype, rows, raw.dtype, raw.numel(), raw.is_contiguous(), raw.storage_offset() & 1, raw.device)
+            for raw, qtype, rows, _ in weights))
+    except (AttributeError, TypeError, IndexError):  # IndexError: a 0-dim x
+        return None
 
 
 def _act(act: str):
@@ -96,10 +117,8 @@ def _(x, raw_q, qtype_q, raw_k, qtype_k, raw_v, qtype_v, n_q, n_kv, in_features)
 
 
 def qkv_linear_mps(x, raw_q, qtype_q, raw_k, qtype_k, raw_v, qtype_v, n_q, n_kv, in_features):
-    qts = _check(x, ((raw_q, qtype_q, n_q, "raw_q"), (raw_k, qtype_k, n_kv, "raw_k"), (raw_v, qtype_v, n_kv, "raw_v")), in_features)
-    if all(qt in FUSED_QTYPES for qt in qts):
-        for raw, qt in zip((raw_q, raw_k, raw_v), qts):
-            check_metal(raw, qt, "mv")
+    weights = ((raw_q, qtype_q, n_q, "raw_q"), (raw_k, qtype_k, n_kv, "raw_k"), (raw_v, qtype_v, n_kv, "raw_v"))
+    qts = check_once(_key("qkv_linear", x, weights, in_features), _check_mps, x, weights, in_features)
     return launch_qkv_linear(x, raw_q, int(qts[0]), raw_k, int(qts[1]), raw_v, int(qts[2]), n_q, n_kv, in_features)
 
 
@@ -148,11 +167,9 @@ def _(x, raw_gate, qtype_gate, raw_up, qtype_up, inter, in_features, act):
 
 
 def gate_up_act_mps(x, raw_gate, qtype_gate, raw_up, qtype_up, inter, in_features, act):
-    qts = _check(x, ((raw_gate, qtype_gate, inter, "raw_gate"), (raw_up, qtype_up, inter, "raw_up")), in_features)
-    _act(act)
-    if all(qt in FUSED_QTYPES for qt in qts):
-        for raw, qt in zip((raw_gate, raw_up), qts):
-            check_metal(raw, qt, "mv")
+    weights = ((raw_gate, qtype_gate, inter, "raw_gate"), (raw_up, qtype_up, inter, "raw_up"))
+    key = _key("gate_up_act", x, weights, in_features, act)
+    qts = check_once(key, lambda: (_act(act), _check_mps(x, weights, in_features))[1])
     return launch_gate_up_act(x, raw_gate, int(qts[0]), raw_up, int(qts[1]), inter, in_features, act)
 
 

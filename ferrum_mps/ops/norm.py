@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .. import shaders
 from ..kernels import DTYPE_NAMES
+from .common import check_once, sig
 
 __all__ = [
     "rms_norm", "add_rms_norm", "qk_norm_rope_cache", "moe_gate_route",  # torch.ops.ferrum.* (set at the end)
@@ -326,8 +327,11 @@ def _moe_gate_route_fake(x, router_weight, top_k, normalize):
 #
 # One launch per call, no reads of device memory. Vector (4-wide) loads need H % 4 == 0 and
 # 4-element-aligned buffers; otherwise the scalar variant of the same kernel runs.
-# `<op>_mps` validates, then calls `launch_<op>`: callers that validated once (a module at build)
-# may call the launch functions directly (only allocation and the launch remain per call).
+# `<op>_mps` validates (once per key of everything its check reads: common.check_once), then calls
+# `launch_<op>`: callers that validated once (a module at build) may call the launch functions directly.
+# The keys hold no token count where the check does not need it (rms_norm: only the last dim), so
+# prefill lengths do not add entries; qk_norm_rope_cache's does (its [B, T] shapes are checked
+# against each other): one small tuple per (B, T) seen.
 
 
 def _width(units: int) -> int:
@@ -342,8 +346,17 @@ def _vec(H: int, *tensors: Tensor) -> int:
     return 4 if H % 4 == 0 and all(t.storage_offset() % 4 == 0 for t in tensors) else 1
 
 
+def _key(make, *args):
+    """make(*args), or None for arguments no key can be formed of (not tensors: the check says what is wrong)."""
+    try:
+        return make(*args)
+    except (AttributeError, TypeError, IndexError):  # IndexError: a 0-dim x
+        return None
+
+
 def rms_norm_mps(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    _check_norm(x, weight, eps)
+    key = _key(lambda: ("rms_norm", x.dtype, x.shape[-1], x.device, sig(weight), eps))
+    check_once(key, _check_norm, x, weight, eps)
     return launch_rms_norm(x, weight, eps)
 
 
@@ -364,7 +377,9 @@ def launch_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def add_rms_norm_mps(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float, pre_weight: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    _check_add(x, residual, weight, eps, pre_weight)
+    key = _key(lambda: ("add_rms_norm", x.dtype, x.shape[-1], x.device, residual.dtype, residual.shape == x.shape,
+                        residual.device, sig(weight), eps, sig(pre_weight)))
+    check_once(key, _check_add, x, residual, weight, eps, pre_weight)
     return launch_add_rms_norm(x, residual, weight, eps, pre_weight)
 
 
@@ -395,7 +410,11 @@ def qk_norm_rope_cache_mps(
     inv_freq: Tensor, position_ids: Tensor, interleaved: bool, k_cache: Tensor, v_cache: Tensor,
     cache_position: Tensor,
 ) -> Tensor:
-    _check_qk(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids, k_cache, v_cache, cache_position)
+    key = _key(lambda: ("qk_norm_rope_cache", sig(q), sig(k), sig(v), sig(q_norm_weight), sig(k_norm_weight), eps,
+                        sig(inv_freq), sig(position_ids), sig(k_cache), k_cache.is_contiguous(), sig(v_cache),
+                        v_cache.is_contiguous(), sig(cache_position)))
+    check_once(key, _check_qk, q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids, k_cache, v_cache,
+               cache_position)
     return launch_qk_norm_rope_cache(
         q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids, interleaved, k_cache, v_cache, cache_position
     )
@@ -429,10 +448,15 @@ def launch_qk_norm_rope_cache(
 
 
 def moe_gate_route_mps(x: Tensor, router_weight: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    key = _key(lambda: ("moe_gate_route", x.dtype, x.shape[1:], x.device, sig(router_weight), top_k))
+    check_once(key, _check_gate_route_mps, x, router_weight, top_k)
+    return launch_moe_gate_route(x, router_weight, top_k, normalize)
+
+
+def _check_gate_route_mps(x: Tensor, router_weight: Tensor, top_k: int) -> None:
     _, _, E = _check_gate_route(x, router_weight, top_k)
     if E > _ROUTE_MAX_EXPERTS:
         raise ValueError(f"the Metal routing kernel handles up to {_ROUTE_MAX_EXPERTS} experts, got {E}")
-    return launch_moe_gate_route(x, router_weight, top_k, normalize)
 
 
 def launch_moe_gate_route(x: Tensor, router_weight: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
