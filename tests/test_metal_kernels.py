@@ -127,6 +127,19 @@ def test_launch_geometry_is_what_the_kernels_are_compiled_with():
         if p.name.endswith((".metal", ".h")):
             defined = set(re.findall(r"^\s*#\s*define\s+(\w+)", p.read_text(), re.M))
             assert not defined & set(geometry), f"{p.name} defines {sorted(defined & set(geometry))}"
+    # What the kernels assume of the numbers (they index arrays sized from them).
+    g = kernels.GEOMETRY
+    assert g.ATT_BLOCK == g.ATT_THREADS and g.ATT_THREADS % 32 == 0  # one key of a block per thread
+    assert (g.ATT_HMAX * g.ATT_DMAX) % g.ATT_THREADS == 0 and g.MOE_ROUTE_MAX_E % 32 == 0
+    # ...and the launchers size their grids and limits from GEOMETRY, not from a copy of their own.
+    from ferrum_mps.ops import attention, fused_linear, moe, norm
+
+    assert (attention.MAX_HEAD_DIM, attention._HMAX, attention._THREADS, attention._RTHREADS, attention.SPLIT_MIN_KEYS) == (
+        g.ATT_DMAX, g.ATT_HMAX, g.ATT_THREADS, g.ATT_RTHREADS, g.ATT_BLOCK)
+    assert (fused_linear.FUSED_MAX_M, fused_linear._ROWS_PER_GROUP, fused_linear._GROUP) == (
+        g.FMV_MMAX, g.FMV_NSG * g.FMV_NR, 32 * g.FMV_NSG)
+    assert (norm._ROUTE_MAX_EXPERTS, norm._ROUTE_THREADS, norm._MAX_THREADS) == (g.MOE_ROUTE_MAX_E, 32 * g.ROUTE_NSG, 32 * g.NORM_MAX_SG)
+    assert moe._ROUTE_MAX_EXPERTS == g.MOE_ROUTE_MAX_E
 
 
 def test_registry_and_gguf_agree():

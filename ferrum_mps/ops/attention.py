@@ -23,14 +23,15 @@ import torch
 
 from .. import shaders
 from ..kernels import DTYPE_NAMES as _DT
+from ..kernels import GEOMETRY as _G
 from .common import check_float_dtype, check_once, sig
 
 __all__ = ["decode_attention", "decode_attention_mps", "launch_decode_attention", "attention_plan", "check_decode_attention"]
 
 _TAGS = (torch.Tag.needs_contiguous_strides,)
-MAX_HEAD_DIM = 256  # ATT_DMAX in attention.metal (threadgroup memory holds the queries as float)
-_HMAX = 8  # ATT_HMAX: query heads per threadgroup (GQA groups of Qwen3 / Llama / Gemma are <= 8)
-_THREADS, _RTHREADS = 128, 64  # ATT_THREADS, ATT_RTHREADS
+MAX_HEAD_DIM = _G.ATT_DMAX  # threadgroup memory holds the queries as float
+_HMAX = _G.ATT_HMAX  # query heads per threadgroup
+_THREADS, _RTHREADS = _G.ATT_THREADS, _G.ATT_RTHREADS
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64)
 
 # Splitting the sequence (flash-decoding). The split count is fixed on the host from the
@@ -39,7 +40,7 @@ _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64)
 # threadgroups with nothing to read. Enough threadgroups to fill an M-Max (40 cores x a few
 # resident groups), each with >= 1 block of 128 keys at full cache length; at most 64
 # partials per output row to merge.
-SPLIT_MIN_KEYS = 128
+SPLIT_MIN_KEYS = _G.ATT_BLOCK  # the kernel's shortest chunk
 SPLIT_TARGET_GROUPS = 256
 SPLIT_MAX = 64
 

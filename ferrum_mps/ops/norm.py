@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import shaders
-from ..kernels import DTYPE_NAMES
+from ..kernels import DTYPE_NAMES, GEOMETRY
 from .common import check_once, sig
 
 __all__ = [
@@ -46,9 +46,9 @@ _lib = torch.library.Library("ferrum", "FRAGMENT")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _DT = DTYPE_NAMES
 _TAGS = (torch.Tag.needs_contiguous_strides,)
-_MAX_THREADS = 1024
-_ROUTE_MAX_EXPERTS = 256  # ROUTE_MAX_E in norm.metal
-_ROUTE_THREADS = 1024  # 32 * ROUTE_NSG in norm.metal
+_MAX_THREADS = 32 * GEOMETRY.NORM_MAX_SG
+_ROUTE_MAX_EXPERTS = GEOMETRY.MOE_ROUTE_MAX_E
+_ROUTE_THREADS = 32 * GEOMETRY.ROUTE_NSG
 
 
 # ---------------------------------------------------------------------------- validation
