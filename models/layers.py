@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ferrum_mps.ops  # noqa: F401  (registers torch.ops.ferrum.*)
+from ferrum_mps.ops.norm import rope
 
 from .cache import StaticCache
 from .config import GGUFConfig
@@ -84,12 +85,7 @@ class RoPE(nn.Module):
         return f.cos()[:, :, None], f.sin()[:, :, None]
 
     def __call__(self, x, cs):  # x [B, T, heads, D]
-        cos, sin = cs
-        if self.interleaved:
-            x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
-            return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2).to(x.dtype)
-        x1, x2 = x.float().chunk(2, -1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).to(x.dtype)
+        return rope(x, *cs, self.interleaved)  # the fused op's reference semantics
 
 
 def sdpa_gqa(q, k, v, mask, scale):

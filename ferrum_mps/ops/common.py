@@ -12,7 +12,7 @@ from .. import quants, shaders
 
 __all__ = [
     "FLOAT_DTYPES", "FLOAT_QTYPES", "IDS_DTYPES", "TAGS", "NO_ID", "cdiv", "round_up", "check_float_dtype",
-    "check_ids", "check_same_device", "check_metal", "ids_int32", "ferrum_op", "check_once", "sig",
+    "check_float_tensor", "check_ids", "check_same_device", "check_metal", "ids_int32", "ferrum_op", "check_once", "sig",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,6 +37,13 @@ def check_float_dtype(dtype: torch.dtype, what: str) -> None:
         raise TypeError(f"{what} must be float32, float16 or bfloat16, got {dtype}")
 
 
+def check_float_tensor(t: Any, what: str) -> None:
+    """`t` is a float32/float16/bfloat16 tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    check_float_dtype(t.dtype, what)
+
+
 def check_ids(ids: torch.Tensor, what: str = "ids") -> None:
     """An int32/int64 tensor of ids (shapes and ranges are each op's business)."""
     if not isinstance(ids, torch.Tensor):
@@ -45,8 +52,9 @@ def check_ids(ids: torch.Tensor, what: str = "ids") -> None:
         raise TypeError(f"{what} must be int32 or int64, got {ids.dtype}")
 
 
-def check_same_device(**tensors: torch.Tensor) -> None:
-    devices = {n: t.device for n, t in tensors.items()}
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """All given tensors on one device (None: an absent optional tensor, skipped)."""
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all tensors must be on the same device, got {listing}")

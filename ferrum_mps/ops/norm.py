@@ -29,12 +29,12 @@ from torch import Tensor
 
 from .. import shaders
 from ..kernels import DTYPE_NAMES, GEOMETRY
-from .common import check_once, sig
+from .common import check_float_tensor, check_once, check_same_device, sig
 
 __all__ = [
     "rms_norm", "add_rms_norm", "qk_norm_rope_cache", "moe_gate_route",  # torch.ops.ferrum.* (set at the end)
     "rms_norm_mps", "add_rms_norm_mps", "qk_norm_rope_cache_mps", "moe_gate_route_mps",
-    "launch_rms_norm", "launch_add_rms_norm", "launch_qk_norm_rope_cache", "launch_moe_gate_route",
+    "launch_rms_norm", "launch_add_rms_norm", "launch_qk_norm_rope_cache", "launch_moe_gate_route", "rope",
 ]
 
 # The ops are defined with torch.library.Library rather than @custom_op: custom_op's Python
@@ -43,7 +43,6 @@ __all__ = [
 # repeats ~4x per layer. The ops have no autograd formula (inference only).
 _lib = torch.library.Library("ferrum", "FRAGMENT")
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _DT = DTYPE_NAMES
 _TAGS = (torch.Tag.needs_contiguous_strides,)
 _MAX_THREADS = 32 * GEOMETRY.NORM_MAX_SG
@@ -52,13 +51,6 @@ _ROUTE_THREADS = 32 * GEOMETRY.ROUTE_NSG
 
 
 # ---------------------------------------------------------------------------- validation
-
-
-def _check_float(t, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
 def _check_int64(t, name: str, shape: tuple) -> None:
@@ -70,18 +62,8 @@ def _check_int64(t, name: str, shape: tuple) -> None:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _check_devices(**tensors) -> None:
-    dev = None
-    for t in tensors.values():
-        if t is not None and dev is None:
-            dev = t.device
-        elif t is not None and t.device != dev:
-            devs = ", ".join(f"{n} on {t.device}" for n, t in tensors.items() if t is not None)
-            raise ValueError(f"all tensors must be on one device, got {devs}")
-
-
 def _check_weight(w, x: Tensor, name: str, size: int) -> None:
-    _check_float(w, name)
+    check_float_tensor(w, name)
     if tuple(w.shape) != (size,):
         raise ValueError(f"{name} must have shape ({size},), got {tuple(w.shape)}")
     if w.dtype != x.dtype:
@@ -89,14 +71,14 @@ def _check_weight(w, x: Tensor, name: str, size: int) -> None:
 
 
 def _check_norm(x: Tensor, weight: Tensor, eps: float) -> int:
-    _check_float(x, "x")
+    check_float_tensor(x, "x")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the normalised one)")
     H = x.shape[-1]
     _check_weight(weight, x, "weight", H)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    _check_devices(x=x, weight=weight)
+    check_same_device(x=x, weight=weight)
     return H
 
 
@@ -104,19 +86,19 @@ def _check_add(x: Tensor, residual: Tensor, weight: Tensor, eps: float, pre_weig
     H = _check_norm(x, weight, eps)
     if pre_weight is not None:
         _check_weight(pre_weight, x, "pre_weight", H)
-        _check_devices(x=x, pre_weight=pre_weight)
-    _check_float(residual, "residual")
+        check_same_device(x=x, pre_weight=pre_weight)
+    check_float_tensor(residual, "residual")
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     if residual.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"residual must be {x.dtype} (x's dtype) or float32 (a float32 residual stream), got {residual.dtype}")
-    _check_devices(x=x, residual=residual)
+    check_same_device(x=x, residual=residual)
     return H
 
 
 def _check_qk(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids, k_cache, v_cache, cache_position):
     for t, n in ((q, "q"), (k, "k"), (v, "v"), (k_cache, "k_cache"), (v_cache, "v_cache")):
-        _check_float(t, n)
+        check_float_tensor(t, n)
         if t.dim() != 4:
             raise ValueError(f"{n} must have 4 dimensions, got shape {tuple(t.shape)}")
     B, T, Hq, D = q.shape
@@ -145,14 +127,14 @@ def _check_qk(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids
     _check_int64(cache_position, "cache_position", (T,))
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    _check_devices(q=q, k=k, v=v, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, inv_freq=inv_freq,
+    check_same_device(q=q, k=k, v=v, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, inv_freq=inv_freq,
                    position_ids=position_ids, k_cache=k_cache, v_cache=v_cache, cache_position=cache_position)
     return B, T, Hq, Hkv, D, S
 
 
 def _check_gate_route(x, router_weight, top_k) -> tuple[int, int, int]:
-    _check_float(x, "x")
-    _check_float(router_weight, "router_weight")
+    check_float_tensor(x, "x")
+    check_float_tensor(router_weight, "router_weight")
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)}")
     T, H = x.shape
@@ -163,7 +145,7 @@ def _check_gate_route(x, router_weight, top_k) -> tuple[int, int, int]:
     E = router_weight.shape[0]
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k must be in [1, {E}] (number of experts), got {top_k}")
-    _check_devices(x=x, router_weight=router_weight)
+    check_same_device(x=x, router_weight=router_weight)
     return T, H, E
 
 
@@ -176,7 +158,9 @@ def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(w.dtype)
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """RoPE of x [..., D] by float32 cos/sin [..., D/2] (broadcast), x's dtype out: pairs (2i, 2i+1)
+    when interleaved, else (i, i + D/2). The one copy: models/layers.py's RoPE calls it."""
     if interleaved:
         x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
         return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2).to(x.dtype)
@@ -276,9 +260,9 @@ def qk_norm_rope_cache_cpu(
         k = _rms(k, k_norm_weight, eps)
     f = position_ids[..., None].float() * inv_freq
     cos, sin = f.cos()[:, :, None], f.sin()[:, :, None]
-    k_cache.index_copy_(2, cache_position, _rope(k, cos, sin, interleaved).transpose(1, 2).to(k_cache.dtype))
+    k_cache.index_copy_(2, cache_position, rope(k, cos, sin, interleaved).transpose(1, 2).to(k_cache.dtype))
     v_cache.index_copy_(2, cache_position, v.transpose(1, 2).to(v_cache.dtype))
-    return _rope(q, cos, sin, interleaved).transpose(1, 2).contiguous()
+    return rope(q, cos, sin, interleaved).transpose(1, 2).contiguous()
 
 
 def _qk_norm_rope_cache_fake(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids, interleaved, k_cache, v_cache, cache_position):
