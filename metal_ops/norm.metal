@@ -7,7 +7,7 @@
 //
 // Decode is latency-bound: every kernel is a single launch, reductions are simd_sum plus one
 // threadgroup barrier, accumulation is float32 and values are rounded to the activation dtype T
-// exactly where models/base.py's torch code rounds them. The launchers choose the threadgroup
+// exactly where models/layers.py's torch code rounds them. The launchers choose the threadgroup
 // width; only the partial-sum arrays are sized at compile time.
 
 // NORM_MAX_SG, ROUTE_NSG and MOE_ROUTE_MAX_E (experts of moe_gate_route: probabilities of one

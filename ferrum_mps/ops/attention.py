@@ -5,7 +5,7 @@ implementation (metal_ops/attention.metal: flash-decoding, 1 launch for short ca
 2 for long ones) side by side. `decode_attention_mps` is re-exported by
 `ferrum_mps.metal` so the tests run it on CPU tensors under the Metal-on-CPU harness.
 
-Semantics (those of models/base.py's `_masks` + `sdpa_gqa`): query t sits at cache slot
+Semantics (those of models/modeling.py's `_masks` + models/layers.py's `sdpa_gqa`): query t sits at cache slot
 p = cache_position[t] and attends to the slots s with s <= p, p - s < window (window > 0),
 attention_mask[b, s] != 0, and always to s == p itself (a left-padding query then sees
 only itself instead of giving NaN). A 2-D mask shorter than the cache (generate()'s mask

@@ -3,14 +3,14 @@
 `add_rms_norm`'s optional `pre_weight` norms x first (Gemma's post-attention / post-FFN
 sandwich norms fused with the residual add and the next norm: one launch instead of two).
 
-Each op: schema, CPU implementation (the reference semantics of models/base.py and the
+Each op: schema, CPU implementation (the reference semantics of models/layers.py and the
 fallback), fake implementation (shapes for torch.compile) and MPS implementation (exactly one
 Metal launch per call, kernels in metal_ops/norm.metal, no host sync). The MPS functions are
 re-exported by `ferrum_mps.metal`, so the tests run them on CPU tensors under the harness.
 
-Rounding follows models/base.py: float32 accumulation, and values are rounded to the activation
-dtype where the torch code holds them in it (RMSNorm: `w * T(x * rsqrt(mean(x^2) + eps))`, RoPE
-computed in float32 on the normed values, the residual sum in the activation dtype).
+Rounding follows models/layers.py (RMSNorm, RoPE): float32 accumulation, and values are rounded
+to the activation dtype where the torch code holds them in it (RMSNorm: `w * T(x * rsqrt(mean(x^2)
++ eps))`, RoPE computed in float32 on the normed values, the residual sum in the activation dtype).
 
 Norm weights must have the activation dtype (the model's `float_param(..., dtype)`).
 
@@ -153,7 +153,7 @@ def _check_gate_route(x, router_weight, top_k) -> tuple[int, int, int]:
 
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    """models/base.py's RMSNorm: float32 statistics, the normalised x rounded to w's dtype, times w."""
+    """models/layers.py's RMSNorm: float32 statistics, the normalised x rounded to w's dtype, times w."""
     xf = x.float()
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(w.dtype)
 
