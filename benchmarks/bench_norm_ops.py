@@ -1,8 +1,8 @@
 """Decode-step dispatch budget of the fused norm / rope / cache / routing ops vs the eager torch code they replace.
 
 For one decoder layer's pieces at decode shape (B = 1, T = 1), side by side:
-  eager: models/base.py's torch code (RMSNorm, residual add + RMSNorm, q/k RMSNorm + RoPE +
-         StaticCache.update, router nn.Linear + ferrum::moe_route);
+  eager: the torch code they replace (ops/norm.py's CPU reference RMSNorm, residual add + RMSNorm,
+         q/k RMSNorm + models/layers.py's RoPE + StaticCache.update, router nn.Linear + ferrum::moe_route);
   fused: ferrum::rms_norm / add_rms_norm / qk_norm_rope_cache / moe_gate_route.
 Per call it prints device dispatches (Metal launches + aten compute ops; views and allocations
 excluded) and host microseconds (median of many calls):
@@ -32,7 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ferrum_mps.metal as metal
 import ferrum_mps.ops  # noqa: F401  (registers torch.ops.ferrum.*)
 import ferrum_mps.ops.norm as norm_ops
-from ferrum_mps.models.base import RMSNorm, RoPE, StaticCache
+from ferrum_mps.models.cache import StaticCache
+from ferrum_mps.models.layers import RoPE
 
 _SKIP = ("empty", "new_empty", "empty_like", "empty_strided", "lift_fresh", "detach", "alias")
 
@@ -98,7 +99,9 @@ def _pieces(name: str, dtype: torch.dtype, dev: str, fused_ops) -> list[tuple]:
     r = lambda *s: torch.randn(*s, generator=g).to(dtype).to(dev)  # noqa: E731
     x, res, w = r(1, 1, H), r(1, 1, H), r(H)
     q, kk, v, qw, kw = r(1, 1, Hq, D), r(1, 1, Hkv, D), r(1, 1, Hkv, D), r(D), r(D)
-    norm, qn, kn, rope = RMSNorm(w, 1e-6), RMSNorm(qw, 1e-6), RMSNorm(kw, 1e-6), RoPE(D, base).to(dev)
+    # The eager baseline is the torch code (models/layers.py's RMSNorm now calls the fused op itself).
+    norm, qn, kn = (lambda t, ww=ww: norm_ops._rms(t, ww, 1e-6) for ww in (w, qw, kw))
+    rope = RoPE(D, base).to(dev)
     S, cp = 4096, torch.tensor([100], device=dev)
     pos = cp[None]
     cfg = type("C", (), dict(num_key_value_heads=Hkv, head_dim=D, num_hidden_layers=1, max_position_embeddings=S))

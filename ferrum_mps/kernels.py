@@ -39,7 +39,17 @@ class Geometry:
     QMM_THREADS: int = 128  # threads per mat-mat threadgroup (4 simdgroups)
     MOE_NSG: int = 2  # simdgroups per MoE mat-vec threadgroup
     MOE_NR: int = 2  # weight rows per simdgroup of the MoE mat-vec kernels
-    MOE_ROUTE_MAX_E: int = 256  # experts the one-simdgroup routing kernel holds (a multiple of 32)
+    MOE_ROUTE_MAX_E: int = 256  # experts the one-simdgroup routing kernels hold (moe_route, moe_gate_route; a multiple of 32)
+    NORM_MAX_SG: int = 32  # simdgroups per norm threadgroup at most (1024 threads)
+    ROUTE_NSG: int = 32  # simdgroups of moe_gate_route's router mat-vec: 1024 threads, the most one GPU core runs
+    ATT_THREADS: int = 128  # threads per decode-attention threadgroup; one key of a block per thread
+    ATT_BLOCK: int = 128  # keys per attention block (= ATT_THREADS); the shortest split of the sequence
+    ATT_HMAX: int = 8  # query heads per attention threadgroup (GQA groups of Qwen3 / Llama / Gemma are <= 8)
+    ATT_DMAX: int = 256  # largest head_dim: 8 heads x 256 as float = 8 KB of queries in threadgroup memory
+    ATT_RTHREADS: int = 64  # threads per row of the split-merging launch
+    FMV_NSG: int = 2  # simdgroups per fused (qkv / gate+up) mat-vec threadgroup
+    FMV_NR: int = 2  # weight rows per simdgroup of the fused mat-vecs
+    FMV_MMAX: int = 8  # largest m of the fused mat-vecs; beyond it the mat-mat kernels win (as in qlinear)
 
     @property
     def mv_rows(self) -> int:
@@ -49,6 +59,11 @@ class Geometry:
     @property
     def mvb_rows(self) -> int:
         return self.N_SG * self.MVB_NR
+
+    @property
+    def fmv_rows(self) -> int:
+        """Weight rows per fused mat-vec threadgroup."""
+        return self.FMV_NSG * self.FMV_NR
 
     @property
     def moe_mv_rows(self) -> int:

@@ -20,14 +20,10 @@
 // "No score yet" is a large finite negative, never -inf: Metal may compile with fast math, under
 // which infinities are not guaranteed to compare or propagate.
 
-#define ATT_THREADS 128
-#define ATT_NSG 4
-#define ATT_BLOCK 128
-#define ATT_HMAX 8   // 8 query heads x D 256 as float: 8 KB of queries + 4 KB of probabilities per threadgroup
-#define ATT_DMAX 256
+// ATT_THREADS, ATT_BLOCK, ATT_HMAX, ATT_DMAX, ATT_RTHREADS come from the prelude (ferrum_mps.kernels.GEOMETRY).
+#define ATT_NSG (ATT_THREADS / 32)
 #define ATT_ACC ((ATT_HMAX * ATT_DMAX) / ATT_THREADS)
 #define ATT_NEG (-3.0e38f)
-#define ATT_RTHREADS 64
 
 inline bool attn_keep(device const uchar *mask, long esize, long row, long s) {
     device const uchar *e = mask + (row + s) * esize;

@@ -13,9 +13,7 @@
 // ffn tensors and Q5_0 / Q8_0 where a row is not a multiple of 256). Other types: the host calls
 // qlinear per weight instead.
 
-#define FMV_NSG 2
-#define FMV_NR 2
-#define FMV_MMAX 8
+// FMV_NSG, FMV_NR, FMV_MMAX come from the prelude (ferrum_mps.kernels.GEOMETRY).
 
 // gguf.GGMLQuantizationType ids
 #define GT_Q4_0 2

@@ -7,12 +7,12 @@
 //
 // Decode is latency-bound: every kernel is a single launch, reductions are simd_sum plus one
 // threadgroup barrier, accumulation is float32 and values are rounded to the activation dtype T
-// exactly where models/base.py's torch code rounds them. The launchers choose the threadgroup
+// exactly where models/layers.py's torch code rounds them. The launchers choose the threadgroup
 // width; only the partial-sum arrays are sized at compile time.
 
-#define NORM_MAX_SG 32     // simdgroups per threadgroup at most (1024 threads)
-#define ROUTE_MAX_E 256    // experts of moe_gate_route: 8 probabilities per lane of one simdgroup
-#define ROUTE_NSG 32       // simdgroups of the router mat-vec: 1024 threads, the most one GPU core
+// NORM_MAX_SG, ROUTE_NSG and MOE_ROUTE_MAX_E (experts of moe_gate_route: probabilities of one
+// simdgroup, ROUTE_PER_LANE per lane) come from the prelude (ferrum_mps.kernels.GEOMETRY).
+#define ROUTE_PER_LANE (MOE_ROUTE_MAX_E / 32)
                            // keeps in flight (the whole router matrix is read by one threadgroup)
 
 template <typename T> struct norm_vec4;
@@ -275,7 +275,7 @@ kernel void moe_gate_route(
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]])
 {
-    threadgroup float logit[ROUTE_MAX_E];
+    threadgroup float logit[MOE_ROUTE_MAX_E];
     const device T *xr = x + long(tg.y) * H;
     for (long e = sg; e < E; e += ROUTE_NSG) {
         const device TW *we = w + e * H;
@@ -291,10 +291,10 @@ kernel void moe_gate_route(
 
     device float *w_out = weights + long(tg.y) * K;
     device int *id_out = ids + long(tg.y) * K;
-    float v[8];
+    float v[ROUTE_PER_LANE];
     float m = -INFINITY;
     int bad = 0, finite = 0;
-    for (short j = 0; j < 8; ++j) {
+    for (short j = 0; j < ROUTE_PER_LANE; ++j) {
         const long e = lane + 32 * j;
         v[j] = e < E ? logit[e] : -INFINITY;
         if (e < E) {
@@ -314,12 +314,12 @@ kernel void moe_gate_route(
     }
     m = simd_max(m);
     float s = 0.0f;
-    for (short j = 0; j < 8; ++j) {
+    for (short j = 0; j < ROUTE_PER_LANE; ++j) {
         v[j] = (lane + 32 * j < E) ? exp(v[j] - m) : 0.0f;
         s += v[j];
     }
     s = simd_sum(s);
-    for (short j = 0; j < 8; ++j) {
+    for (short j = 0; j < ROUTE_PER_LANE; ++j) {
         // Taken and padding slots sit below every probability (probabilities are >= 0).
         v[j] = (lane + 32 * j < E) ? v[j] / s : -1.0f;
     }
@@ -327,7 +327,7 @@ kernel void moe_gate_route(
     for (long r = 0; r < K; ++r) {
         float best = -2.0f;
         int bi = 0x7fffffff;
-        for (short j = 0; j < 8; ++j) {
+        for (short j = 0; j < ROUTE_PER_LANE; ++j) {
             if (v[j] > best) {
                 best = v[j];
                 bi = lane + 32 * j;

@@ -25,6 +25,8 @@ from ferrum_mps.ops import linear as _lin
 from ferrum_mps.ops import moe as _moe
 from ferrum_mps.ops import norm as _norm
 
+from .layers import fusable
+
 # The same launches with (CHECKED) and without (UNCHECKED) their argument checks.
 CHECKED = dict(norm=_norm.rms_norm_mps, add=_norm.add_rms_norm_mps, qkv=_fl.qkv_linear_mps,
                qk=_norm.qk_norm_rope_cache_mps, attn=_attn.decode_attention_mps, gate_up=_fl.gate_up_act_mps,
@@ -55,6 +57,14 @@ class LayerLaunch:
 
         self.block, self.attn, self.first = block, block.self_attn, block.self_attn.layer_idx == 0
         m = block.mlp
+        # The launches read QuantLinear's raw bytes and skip the submodules' __call__: a swapped-in
+        # projection (nn.Linear, a LoRA wrapper) or a forward hook on any submodule sends the layer
+        # back to the ops path, which calls what it cannot fuse.
+        a = block.self_attn
+        self.projections = [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
+        if isinstance(m, MLP):
+            self.projections += [m.gate_proj, m.up_proj, m.down_proj]
+        self.submodules = list(block.modules())[1:]
         if isinstance(m, MLP):
             self.ffn = self._mlp
         elif isinstance(m, FusedMoE) and isinstance(m.gate, nn.Linear) and m.gate.bias is None:
@@ -62,6 +72,9 @@ class LayerLaunch:
         else:  # anything else runs its module (through the ops)
             self.ffn = lambda n, f: m(n)  # noqa: E731
         self.checked_for = None  # (dtype, device) the weights were checked for
+
+    def usable(self) -> bool:
+        return fusable(*self.projections) and not any(s._forward_hooks or s._forward_pre_hooks for s in self.submodules)
 
     def __call__(self, x, step, pending):
         b, a = self.block, self.attn

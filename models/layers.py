@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ferrum_mps.ops  # noqa: F401  (registers torch.ops.ferrum.*)
+from ferrum_mps.ops.norm import rope
 
 from .cache import StaticCache
 from .config import GGUFConfig
@@ -84,12 +85,7 @@ class RoPE(nn.Module):
         return f.cos()[:, :, None], f.sin()[:, :, None]
 
     def __call__(self, x, cs):  # x [B, T, heads, D]
-        cos, sin = cs
-        if self.interleaved:
-            x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
-            return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2).to(x.dtype)
-        x1, x2 = x.float().chunk(2, -1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).to(x.dtype)
+        return rope(x, *cs, self.interleaved)  # the fused op's reference semantics
 
 
 def sdpa_gqa(q, k, v, mask, scale):
@@ -103,6 +99,15 @@ def sdpa_gqa(q, k, v, mask, scale):
         mask = mask[:, :, None].expand(-1, -1, G, -1, -1).reshape(mask.shape[0], 1, G * T, mask.shape[-1])
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return o.reshape(B, Hq, T, D)
+
+
+def fusable(*modules) -> bool:
+    """True when the fused kernels may read these projections' raw bytes instead of calling them:
+    each is exactly a QuantLinear without forward hooks (a swapped-in nn.Linear or LoRA wrapper, or a
+    hook, gets the module called)."""
+    from ferrum_mps.nn.linear import QuantLinear
+
+    return all(type(m) is QuantLinear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
 
 
 class Attention(nn.Module):
@@ -124,7 +129,10 @@ class Attention(nn.Module):
 
     def qkv(self, x):
         p, k, v = self.q_proj, self.k_proj, self.v_proj
-        q, k, v = _ops.qkv_linear(x, p.raw, p.qtype, k.raw, k.qtype, v.raw, v.qtype, p.out_features, k.out_features, p.in_features)
+        if fusable(p, k, v):
+            q, k, v = _ops.qkv_linear(x, p.raw, p.qtype, k.raw, k.qtype, v.raw, v.qtype, p.out_features, k.out_features, p.in_features)
+        else:
+            q, k, v = p(x), k(x), v(x)
         if self.q_bias is not None:
             q, k, v = q + self.q_bias, k + self.k_bias, v + self.v_bias
         return q, k, v
@@ -165,7 +173,10 @@ class MLP(nn.Module):
 
     def forward(self, x):  # act(x Wg^T) * (x Wu^T) in one launch, then the down projection
         g, u = self.gate_proj, self.up_proj
-        h = _ops.gate_up_act(x, g.raw, g.qtype, u.raw, u.qtype, g.out_features, g.in_features, self.act_name)
+        if fusable(g, u):
+            h = _ops.gate_up_act(x, g.raw, g.qtype, u.raw, u.qtype, g.out_features, g.in_features, self.act_name)
+        else:
+            h = ACTIVATIONS[self.act_name](g(x)) * u(x)
         return self.down_proj(h)
 
 
@@ -190,7 +201,8 @@ class Block(nn.Module):
                 from .launch import LayerLaunch
 
                 self._launch = LayerLaunch(self)
-            return self._launch(x, step, pending)
+            if self._launch.usable():
+                return self._launch(x, step, pending)
         if pending is None:
             n = self.input_layernorm(x)
         else:

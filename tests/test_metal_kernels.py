@@ -127,6 +127,19 @@ def test_launch_geometry_is_what_the_kernels_are_compiled_with():
         if p.name.endswith((".metal", ".h")):
             defined = set(re.findall(r"^\s*#\s*define\s+(\w+)", p.read_text(), re.M))
             assert not defined & set(geometry), f"{p.name} defines {sorted(defined & set(geometry))}"
+    # What the kernels assume of the numbers (they index arrays sized from them).
+    g = kernels.GEOMETRY
+    assert g.ATT_BLOCK == g.ATT_THREADS and g.ATT_THREADS % 32 == 0  # one key of a block per thread
+    assert (g.ATT_HMAX * g.ATT_DMAX) % g.ATT_THREADS == 0 and g.MOE_ROUTE_MAX_E % 32 == 0
+    # ...and the launchers size their grids and limits from GEOMETRY, not from a copy of their own.
+    from ferrum_mps.ops import attention, fused_linear, moe, norm
+
+    assert (attention.MAX_HEAD_DIM, attention._HMAX, attention._THREADS, attention._RTHREADS, attention.SPLIT_MIN_KEYS) == (
+        g.ATT_DMAX, g.ATT_HMAX, g.ATT_THREADS, g.ATT_RTHREADS, g.ATT_BLOCK)
+    assert (fused_linear.FUSED_MAX_M, fused_linear._ROWS_PER_GROUP, fused_linear._GROUP) == (
+        g.FMV_MMAX, g.FMV_NSG * g.FMV_NR, 32 * g.FMV_NSG)
+    assert (norm._ROUTE_MAX_EXPERTS, norm._ROUTE_THREADS, norm._MAX_THREADS) == (g.MOE_ROUTE_MAX_E, 32 * g.ROUTE_NSG, 32 * g.NORM_MAX_SG)
+    assert moe._ROUTE_MAX_EXPERTS == g.MOE_ROUTE_MAX_E
 
 
 def test_registry_and_gguf_agree():
@@ -181,3 +194,56 @@ def test_thin_path_checks_the_weight_once_and_the_activations_every_call(metal_d
         metal.moe_qlinear(torch.zeros(2, 64, device=dev), ids, g, 8, 32, 64)
     with pytest.raises(ValueError, match="down_raw has 3 experts"):
         metal.moe_ffn(x, w, ids, g, g, d[:3], 8, 8, 8, 32)
+
+
+def test_fused_ops_check_their_arguments_once_per_layout(metal_device, monkeypatch):
+    """The fused decode ops run their full check once per key (shapes, dtypes, layouts, devices),
+    as qlinear does; a call that differs in anything the check reads still raises clearly."""
+    from ferrum_mps.ops import attention as A
+    from ferrum_mps.ops import fused_linear as F
+    from ferrum_mps.ops import norm as N
+
+    calls = []
+    for mod, name in ((N, "_check_norm"), (N, "_check_add"), (N, "_check_qk"), (N, "_check_gate_route"),
+                      (A, "check_decode_attention"), (F, "_check")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _n=name, **k: (calls.append(_n), _real(*a, **k))[1])
+    dev = metal_device
+    x, w = torch.randn(1, 16, device=dev), torch.ones(16, device=dev)
+    q, k = torch.randn(1, 1, 2, 16, device=dev), torch.randn(1, 1, 1, 16, device=dev)
+    kc, vc = torch.zeros(1, 1, 4, 16, device=dev), torch.zeros(1, 1, 4, 16, device=dev)
+    inv, pos, cp = torch.ones(8, device=dev), torch.zeros(1, 1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+    raw = torch.zeros(4, quants.row_nbytes(Q.Q8_0, 32), dtype=torch.uint8, device=dev)
+    x32 = torch.zeros(1, 32, device=dev)
+    for _ in range(3):
+        metal.rms_norm(x, w, 1e-6)
+        metal.add_rms_norm(x, x, w, 1e-6)
+        metal.qk_norm_rope_cache(q, k, k, None, w, 1e-6, inv, pos, False, kc, vc, cp)
+        metal.moe_gate_route(x, torch.ones(4, 16, device=dev), 2, True)
+        metal.decode_attention(q.transpose(1, 2), kc, vc, cp, None, 0, 0.25)
+        metal.qkv_linear(x32, raw, int(Q.Q8_0), raw, int(Q.Q8_0), raw, int(Q.Q8_0), 4, 4, 32)
+        metal.gate_up_act(x32, raw, int(Q.Q8_0), raw, int(Q.Q8_0), 4, 32, "silu")
+    assert calls == ["_check_norm", "_check_add", "_check_norm", "_check_qk", "_check_gate_route",
+                     "check_decode_attention", "_check", "_check"]  # add_rms_norm's check calls _check_norm
+    with pytest.raises(TypeError, match="activation dtype"):
+        metal.rms_norm(x, w.half(), 1e-6)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        metal.rms_norm(x, w[:8], 1e-6)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        metal.rms_norm(x, w, -1.0)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        metal.add_rms_norm(x, torch.zeros(2, 16, device=dev), w, 1e-6)
+    with pytest.raises(ValueError, match="cache_position must have shape"):
+        metal.qk_norm_rope_cache(q, k, k, None, w, 1e-6, inv, pos, False, kc, vc, cp[:0])
+    with pytest.raises(ValueError, match="contiguous"):
+        metal.qk_norm_rope_cache(q, k, k, None, w, 1e-6, inv, pos, False, torch.zeros(1, 1, 16, 4, device=dev).transpose(2, 3), vc, cp)
+    with pytest.raises(ValueError, match="device|meta"):
+        metal.decode_attention(q.transpose(1, 2), kc, vc, cp.to("meta"), None, 0, 0.25)
+    with pytest.raises(TypeError, match="attention_mask must be bool or integer"):
+        metal.decode_attention(q.transpose(1, 2), kc, vc, cp, torch.ones(1, 4, device=dev), 0, 0.25)
+    with pytest.raises(ValueError, match="in_features=32"):
+        metal.qkv_linear(x, raw, int(Q.Q8_0), raw, int(Q.Q8_0), raw, int(Q.Q8_0), 4, 4, 32)
+    with pytest.raises(ValueError, match="raw_v has .* bytes"):
+        metal.qkv_linear(x32, raw, int(Q.Q8_0), raw, int(Q.Q8_0), raw[:3], int(Q.Q8_0), 4, 4, 32)
+    with pytest.raises(ValueError, match="act must be one of"):
+        metal.gate_up_act(x32, raw, int(Q.Q8_0), raw, int(Q.Q8_0), 4, 32, "relu")

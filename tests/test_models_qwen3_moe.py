@@ -341,6 +341,43 @@ def test_launch_path_in_generate_and_under_compile(model, metal_device, layer_la
     torch.testing.assert_close(comp_logits.cpu(), want_logits, atol=1e-3, rtol=0)
 
 
+def as_float_linear(q):
+    lin = torch.nn.Linear(q.in_features, q.out_features, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.ops.ferrum.dequantize(q.raw, q.qtype, q.out_features, q.in_features, torch.float32))
+    return lin
+
+
+def test_launch_path_yields_to_hooks_and_swapped_projections(model, metal_device, layer_launches):
+    """A forward hook on a submodule, or a projection that is not a QuantLinear, sends the layer to the
+    ops path (the launches would skip both): the hook fires and the logits stay those of the CPU ops."""
+    if metal_device.type != "cpu":
+        pytest.skip("runs CPU tensors through the harness; the mps variant of the fixture has no harness")
+    ids = prompt(5, 8)
+    with torch.no_grad():
+        want = model(ids, past_key_values=model.static_cache(1, 8)).logits
+    attn = model.layers[1].self_attn
+    seen, o_proj, q_proj = [], attn.o_proj, attn.q_proj
+    handle = attn.q_proj.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    model.launch_path = True
+    try:
+        with metal_kernels_on_cpu(), torch.no_grad():
+            hooked = model(ids, past_key_values=model.static_cache(1, 8)).logits
+            handle.remove()
+            attn.o_proj, attn.q_proj = as_float_linear(o_proj), as_float_linear(q_proj)
+            model.layers[1]._launch = None
+            swapped = model(ids, past_key_values=model.static_cache(1, 8)).logits
+    finally:
+        handle.remove()
+        attn.o_proj, attn.q_proj = o_proj, q_proj
+        model.layers[1]._launch = None
+        model.launch_path = None
+    assert seen == [torch.Size([1, 5, attn.q_proj.out_features])]  # the hooked layer ran its modules
+    assert layer_launches[0] == 2 * 1  # layer 0 of each forward launched itself, layer 1 did not
+    torch.testing.assert_close(hooked, want, atol=1e-3, rtol=0)
+    torch.testing.assert_close(swapped, want, atol=1e-3, rtol=0)
+
+
 def test_dense_layers_inside_a_moe_model():
     """A block with ffn_gate/up/down instead of a router + experts (transformers' mlp_only_layers).
 

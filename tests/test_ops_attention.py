@@ -1,6 +1,6 @@
 """ferrum::decode_attention (CPU op and the Metal kernels under the harness) against an independent
 reference: torch's scaled_dot_product_attention in float64 on K/V repeated by transformers' repeat_kv,
-with the mask built explicitly from models/base.py's rules (causal, window, padding, self always)."""
+with the mask built explicitly from models/modeling.py's `_masks` rules (causal, window, padding, self always)."""
 
 import pytest
 import torch

@@ -19,6 +19,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEm
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 import ferrum_mps.metal as metal
+import ferrum_mps.ops.norm as norm_ops
 
 ops = torch.ops.ferrum
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -310,6 +311,10 @@ def test_bad_input_names_the_problem():
         ops.rms_norm(x, torch.ones(8, dtype=torch.float16), 1e-6)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         ops.rms_norm(x.long(), torch.ones(8), 1e-6)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got list"):
+        norm_ops.rms_norm_cpu(x, [1.0] * 8, 1e-6)
+    with pytest.raises(ValueError, match="same device, got x on cpu, weight on meta"):
+        norm_ops.rms_norm_cpu(x, torch.ones(8, device="meta"), 1e-6)
     with pytest.raises(ValueError, match="residual must have x's shape"):
         ops.add_rms_norm(x, torch.randn(3, 8), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match=r"pre_weight must have shape \(8,\)"):

@@ -13,6 +13,7 @@ import concurrent.futures
 import http.client
 import json
 import os
+import queue
 import re
 import socket
 import subprocess
@@ -398,15 +399,24 @@ def test_cli_serve_with_api_key(gguf_path, ref):
                              "--default-max-tokens", "5"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if m := re.search(r"on (http://127\.0\.0\.1:\d+/v1) \(cpu", line):
-                break
-        else:
+        # stderr is read on a thread (and kept drained), so a server stuck before its banner fails
+        # the test after 180 s instead of blocking it until pytest's timeout
+        lines, banner = [], queue.Queue()
+
+        def drain():
+            for line in proc.stderr:
+                lines.append(line)
+                if m := re.search(r"on (http://127\.0\.0\.1:\d+/v1) \(cpu", line):
+                    banner.put(m[1])
+            banner.put(None)  # stderr closed: the process is gone
+
+        threading.Thread(target=drain, daemon=True).start()
+        try:
+            url = banner.get(timeout=180)
+        except queue.Empty:
+            url = None
+        if url is None:
             pytest.fail("the server did not start:\n" + "".join(lines)[-3000:])
-        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining
-        url = m[1]
         assert _raw(url, "GET", "/health")[0] == 200  # health needs no key (for monitors)
         status, body = _raw(url, "GET", "/v1/models")
         assert status == 401 and body["error"]["code"] == "invalid_api_key"

@@ -5,7 +5,7 @@ implementation (metal_ops/attention.metal: flash-decoding, 1 launch for short ca
 2 for long ones) side by side. `decode_attention_mps` is re-exported by
 `ferrum_mps.metal` so the tests run it on CPU tensors under the Metal-on-CPU harness.
 
-Semantics (those of models/base.py's `_masks` + `sdpa_gqa`): query t sits at cache slot
+Semantics (those of models/modeling.py's `_masks` + models/layers.py's `sdpa_gqa`): query t sits at cache slot
 p = cache_position[t] and attends to the slots s with s <= p, p - s < window (window > 0),
 attention_mask[b, s] != 0, and always to s == p itself (a left-padding query then sees
 only itself instead of giving NaN). A 2-D mask shorter than the cache (generate()'s mask
@@ -23,14 +23,15 @@ import torch
 
 from .. import shaders
 from ..kernels import DTYPE_NAMES as _DT
-from .common import check_float_dtype
+from ..kernels import GEOMETRY as _G
+from .common import check_float_dtype, check_once, sig
 
 __all__ = ["decode_attention", "decode_attention_mps", "launch_decode_attention", "attention_plan", "check_decode_attention"]
 
 _TAGS = (torch.Tag.needs_contiguous_strides,)
-MAX_HEAD_DIM = 256  # ATT_DMAX in attention.metal (threadgroup memory holds the queries as float)
-_HMAX = 8  # ATT_HMAX: query heads per threadgroup (GQA groups of Qwen3 / Llama / Gemma are <= 8)
-_THREADS, _RTHREADS = 128, 64  # ATT_THREADS, ATT_RTHREADS
+MAX_HEAD_DIM = _G.ATT_DMAX  # threadgroup memory holds the queries as float
+_HMAX = _G.ATT_HMAX  # query heads per threadgroup
+_THREADS, _RTHREADS = _G.ATT_THREADS, _G.ATT_RTHREADS
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64)
 
 # Splitting the sequence (flash-decoding). The split count is fixed on the host from the
@@ -39,7 +40,7 @@ _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64)
 # threadgroups with nothing to read. Enough threadgroups to fill an M-Max (40 cores x a few
 # resident groups), each with >= 1 block of 128 keys at full cache length; at most 64
 # partials per output row to merge.
-SPLIT_MIN_KEYS = 128
+SPLIT_MIN_KEYS = _G.ATT_BLOCK  # the kernel's shortest chunk
 SPLIT_TARGET_GROUPS = 256
 SPLIT_MAX = 64
 
@@ -151,7 +152,15 @@ def attention_plan(B: int, T: int, Hq: int, Hkv: int, S: int) -> tuple[int, int,
 
 def decode_attention_mps(q, k_cache, v_cache, cache_position, attention_mask, window, scale):
     """As the CPU op; a cache_position outside [0, S) gives a row of zeros (checking it would need a host sync)."""
-    check_decode_attention(q, k_cache, v_cache, cache_position, attention_mask, window)
+    # Checked once per key of all the check reads (common.check_once); the mask only by its dtype,
+    # rank and batch: generate()'s mask grows by one column per step.
+    try:
+        m = attention_mask
+        key = ("decode_attention", sig(q), sig(k_cache), sig(v_cache), sig(cache_position),
+               None if m is None else (m.dtype, m.shape[:1], m.dim(), m.device), window)
+    except (AttributeError, TypeError):  # not tensors: the check says what is wrong
+        key = None
+    check_once(key, check_decode_attention, q, k_cache, v_cache, cache_position, attention_mask, window)
     return launch_decode_attention(q, k_cache, v_cache, cache_position, attention_mask, window, scale)
 
 

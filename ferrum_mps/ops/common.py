@@ -8,11 +8,11 @@ from typing import Any, Callable
 import torch
 from gguf import GGMLQuantizationType
 
-from .. import quants
+from .. import quants, shaders
 
 __all__ = [
     "FLOAT_DTYPES", "FLOAT_QTYPES", "IDS_DTYPES", "TAGS", "NO_ID", "cdiv", "round_up", "check_float_dtype",
-    "check_ids", "check_same_device", "check_metal", "ids_int32", "ferrum_op",
+    "check_float_tensor", "check_ids", "check_same_device", "check_metal", "ids_int32", "ferrum_op", "check_once", "sig",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,6 +37,13 @@ def check_float_dtype(dtype: torch.dtype, what: str) -> None:
         raise TypeError(f"{what} must be float32, float16 or bfloat16, got {dtype}")
 
 
+def check_float_tensor(t: Any, what: str) -> None:
+    """`t` is a float32/float16/bfloat16 tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    check_float_dtype(t.dtype, what)
+
+
 def check_ids(ids: torch.Tensor, what: str = "ids") -> None:
     """An int32/int64 tensor of ids (shapes and ranges are each op's business)."""
     if not isinstance(ids, torch.Tensor):
@@ -45,8 +52,9 @@ def check_ids(ids: torch.Tensor, what: str = "ids") -> None:
         raise TypeError(f"{what} must be int32 or int64, got {ids.dtype}")
 
 
-def check_same_device(**tensors: torch.Tensor) -> None:
-    devices = {n: t.device for n, t in tensors.items()}
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """All given tensors on one device (None: an absent optional tensor, skipped)."""
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all tensors must be on the same device, got {listing}")
@@ -63,6 +71,33 @@ def check_metal(raw: torch.Tensor, qtype, family: str, what: str = "raw") -> GGM
     if raw.storage_offset() % 2:
         raise ValueError(f"{what} starts at odd byte offset {raw.storage_offset()}: GGML blocks need 2-byte alignment (clone it)")
     return qt
+
+
+def sig(t: torch.Tensor | None) -> tuple | None:
+    """What an argument check of tensor `t` depends on (dtype, shape, device); None stays None."""
+    return None if t is None else (t.dtype, t.shape, t.device)
+
+
+def check_once(key: Any, check: Callable, *args: Any) -> Any:
+    """`check(*args)`, run only the first time for `key` (all its outcome depends on; None: every time).
+
+    The thin launch path of the fused ops (as qlinear_mps's plans): a compiled decode step calls
+    each op per layer per token with the same shapes, and a full check costs up to ~13 us of host
+    time against ~1-3 us for building its key. The result is kept in shaders.plans (dropped with
+    the compiled kernels), so a key must hold every input the check reads.
+    """
+    try:
+        hit = shaders.plans.get(key, _MISS) if key is not None else None
+    except TypeError:  # an unhashable argument (a list for an int...): the check says what is wrong
+        key = None
+    if key is None:
+        return check(*args)
+    if hit is _MISS:
+        hit = shaders.plans[key] = check(*args)
+    return hit
+
+
+_MISS = object()
 
 
 def ids_int32(ids: torch.Tensor, n: int) -> torch.Tensor:

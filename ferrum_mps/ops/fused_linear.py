@@ -18,8 +18,8 @@ from gguf import GGMLQuantizationType
 
 from .. import quants, shaders
 from . import linear as L
-from ..kernels import DTYPE_NAMES
-from .common import check_metal
+from ..kernels import DTYPE_NAMES, GEOMETRY
+from .common import check_metal, check_once
 
 Q = GGMLQuantizationType
 
@@ -29,9 +29,10 @@ __all__ = ["FUSED_QTYPES", "ACTS", "fused_path", "qkv_linear", "gate_up_act", "q
 _TAGS = (torch.Tag.needs_contiguous_strides,)
 # The types of llama.cpp's Q4_K_M / Q5_K_M / Q8_0 files (GT_* in fused_linear.metal).
 FUSED_QTYPES = frozenset({Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
-FUSED_MAX_M = 8  # FMV_MMAX: beyond it the mat-mat kernels win (as in qlinear)
+FUSED_MAX_M = GEOMETRY.FMV_MMAX  # beyond it the mat-mat kernels win (as in qlinear)
 ACTS = {"silu": 0, "gelu_pytorch_tanh": 1}
-_ROWS_PER_GROUP = 4  # FMV_NSG x FMV_NR
+_ROWS_PER_GROUP = GEOMETRY.fmv_rows
+_GROUP = 32 * GEOMETRY.FMV_NSG  # threads per threadgroup
 
 
 def fused_path(qtypes, m: int) -> bool:
@@ -53,6 +54,27 @@ def _check(x, weights, in_features) -> list:
         qts.append(L.check_raw(raw, qtype, rows, in_features, name))
         L.check_activation(x, in_features, raw)
     return qts
+
+
+def _check_mps(x, weights, in_features) -> tuple[int, ...]:
+    """_check, and Metal's needs of the weights of the one-launch path; returns the qtypes as ints."""
+    qts = _check(x, weights, in_features)
+    if all(qt in FUSED_QTYPES for qt in qts):
+        for (raw, _, _, name), qt in zip(weights, qts):
+            check_metal(raw, qt, "mv", name)
+    return tuple(int(qt) for qt in qts)
+
+
+def _key(op: str, x, weights, *rest):
+    """What _check_mps reads (as qlinear_mps's plan key), or None when no key can be formed (the check says why).
+
+    x by its dtype, last dim and device only: the token count does not add entries."""
+    try:
+        return (op, x.dtype, x.shape[-1], x.device, *rest, *(
+            (qtype, rows, raw.dtype, raw.numel(), raw.is_contiguous(), raw.storage_offset() & 1, raw.device)
+            for raw, qtype, rows, _ in weights))
+    except (AttributeError, TypeError, IndexError):  # IndexError: a 0-dim x
+        return None
 
 
 def _act(act: str):
@@ -96,10 +118,8 @@ def _(x, raw_q, qtype_q, raw_k, qtype_k, raw_v, qtype_v, n_q, n_kv, in_features)
 
 
 def qkv_linear_mps(x, raw_q, qtype_q, raw_k, qtype_k, raw_v, qtype_v, n_q, n_kv, in_features):
-    qts = _check(x, ((raw_q, qtype_q, n_q, "raw_q"), (raw_k, qtype_k, n_kv, "raw_k"), (raw_v, qtype_v, n_kv, "raw_v")), in_features)
-    if all(qt in FUSED_QTYPES for qt in qts):
-        for raw, qt in zip((raw_q, raw_k, raw_v), qts):
-            check_metal(raw, qt, "mv")
+    weights = ((raw_q, qtype_q, n_q, "raw_q"), (raw_k, qtype_k, n_kv, "raw_k"), (raw_v, qtype_v, n_kv, "raw_v"))
+    qts = check_once(_key("qkv_linear", x, weights, in_features), _check_mps, x, weights, in_features)
     return launch_qkv_linear(x, raw_q, int(qts[0]), raw_k, int(qts[1]), raw_v, int(qts[2]), n_q, n_kv, in_features)
 
 
@@ -118,7 +138,7 @@ def launch_qkv_linear(x, raw_q, qtype_q, raw_k, qtype_k, raw_v, qtype_v, n_q, n_
     k = shaders.kernel("fused_linear.metal", f"qkv_{'mv' if m == 1 else 'mvb'}_{DTYPE_NAMES[x.dtype]}")
     k(raw_q, raw_k, raw_v, x2, yq, yk, yv, in_features, n_q, n_kv, m, qtype_q, qtype_k, qtype_v,
       _row_bytes(qtype_q, in_features), _row_bytes(qtype_k, in_features), _row_bytes(qtype_v, in_features),
-      threads=[64, groups], group_size=[64, 1])
+      threads=[_GROUP, groups], group_size=[_GROUP, 1])
     return yq.view(*lead, n_q), yk.view(*lead, n_kv), yv.view(*lead, n_kv)
 
 
@@ -148,11 +168,9 @@ def _(x, raw_gate, qtype_gate, raw_up, qtype_up, inter, in_features, act):
 
 
 def gate_up_act_mps(x, raw_gate, qtype_gate, raw_up, qtype_up, inter, in_features, act):
-    qts = _check(x, ((raw_gate, qtype_gate, inter, "raw_gate"), (raw_up, qtype_up, inter, "raw_up")), in_features)
-    _act(act)
-    if all(qt in FUSED_QTYPES for qt in qts):
-        for raw, qt in zip((raw_gate, raw_up), qts):
-            check_metal(raw, qt, "mv")
+    weights = ((raw_gate, qtype_gate, inter, "raw_gate"), (raw_up, qtype_up, inter, "raw_up"))
+    key = _key("gate_up_act", x, weights, in_features, act)
+    qts = check_once(key, lambda: (_act(act), _check_mps(x, weights, in_features))[1])
     return launch_gate_up_act(x, raw_gate, int(qts[0]), raw_up, int(qts[1]), inter, in_features, act)
 
 
@@ -168,7 +186,7 @@ def launch_gate_up_act(x, raw_gate, qtype_gate, raw_up, qtype_up, inter, in_feat
     y = torch.empty((m, inter), dtype=x.dtype, device=x.device)
     k = shaders.kernel("fused_linear.metal", f"gate_up_{'mv' if m == 1 else 'mvb'}_{DTYPE_NAMES[x.dtype]}")
     k(raw_gate, raw_up, x2, y, in_features, inter, m, qtype_gate, qtype_up, _row_bytes(qtype_gate, in_features),
-      _row_bytes(qtype_up, in_features), ACTS[act], threads=[64, -(-inter // _ROWS_PER_GROUP)], group_size=[64, 1])
+      _row_bytes(qtype_up, in_features), ACTS[act], threads=[_GROUP, -(-inter // _ROWS_PER_GROUP)], group_size=[_GROUP, 1])
     return y.view(*x.shape[:-1], inter)
 
 

@@ -3,14 +3,14 @@
 `add_rms_norm`'s optional `pre_weight` norms x first (Gemma's post-attention / post-FFN
 sandwich norms fused with the residual add and the next norm: one launch instead of two).
 
-Each op: schema, CPU implementation (the reference semantics of models/base.py and the
+Each op: schema, CPU implementation (the reference semantics of models/layers.py and the
 fallback), fake implementation (shapes for torch.compile) and MPS implementation (exactly one
 Metal launch per call, kernels in metal_ops/norm.metal, no host sync). The MPS functions are
 re-exported by `ferrum_mps.metal`, so the tests run them on CPU tensors under the harness.
 
-Rounding follows models/base.py: float32 accumulation, and values are rounded to the activation
-dtype where the torch code holds them in it (RMSNorm: `w * T(x * rsqrt(mean(x^2) + eps))`, RoPE
-computed in float32 on the normed values, the residual sum in the activation dtype).
+Rounding follows models/layers.py (RMSNorm, RoPE): float32 accumulation, and values are rounded
+to the activation dtype where the torch code holds them in it (RMSNorm: `w * T(x * rsqrt(mean(x^2)
++ eps))`, RoPE computed in float32 on the normed values, the residual sum in the activation dtype).
 
 Norm weights must have the activation dtype (the model's `float_param(..., dtype)`).
 
@@ -28,12 +28,13 @@ import torch
 from torch import Tensor
 
 from .. import native, shaders
-from ..kernels import DTYPE_NAMES
+from ..kernels import DTYPE_NAMES, GEOMETRY
+from .common import check_float_tensor, check_once, check_same_device, sig
 
 __all__ = [
     "rms_norm", "add_rms_norm", "qk_norm_rope_cache", "moe_gate_route",  # torch.ops.ferrum.* (set at the end)
     "rms_norm_mps", "add_rms_norm_mps", "qk_norm_rope_cache_mps", "moe_gate_route_mps",
-    "launch_rms_norm", "launch_add_rms_norm", "launch_qk_norm_rope_cache", "launch_moe_gate_route",
+    "launch_rms_norm", "launch_add_rms_norm", "launch_qk_norm_rope_cache", "launch_moe_gate_route", "rope",
 ]
 
 # The ops are defined with torch.library.Library rather than @custom_op: custom_op's Python
@@ -42,22 +43,14 @@ __all__ = [
 # repeats ~4x per layer. The ops have no autograd formula (inference only).
 _lib = torch.library.Library("ferrum", "FRAGMENT")
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _DT = DTYPE_NAMES
 _TAGS = (torch.Tag.needs_contiguous_strides,)
-_MAX_THREADS = 1024
-_ROUTE_MAX_EXPERTS = 256  # ROUTE_MAX_E in norm.metal
-_ROUTE_THREADS = 1024  # 32 * ROUTE_NSG in norm.metal
+_MAX_THREADS = 32 * GEOMETRY.NORM_MAX_SG
+_ROUTE_MAX_EXPERTS = GEOMETRY.MOE_ROUTE_MAX_E
+_ROUTE_THREADS = 32 * GEOMETRY.ROUTE_NSG
 
 
 # ---------------------------------------------------------------------------- validation
-
-
-def _check_float(t, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
 def _check_int64(t, name: str, shape: tuple) -> None:
@@ -69,18 +62,8 @@ def _check_int64(t, name: str, shape: tuple) -> None:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _check_devices(**tensors) -> None:
-    dev = None
-    for t in tensors.values():
-        if t is not None and dev is None:
-            dev = t.device
-        elif t is not None and t.device != dev:
-            devs = ", ".join(f"{n} on {t.device}" for n, t in tensors.items() if t is not None)
-            raise ValueError(f"all tensors must be on one device, got {devs}")
-
-
 def _check_weight(w, x: Tensor, name: str, size: int) -> None:
-    _check_float(w, name)
+    check_float_tensor(w, name)
     if tuple(w.shape) != (size,):
         raise ValueError(f"{name} must have shape ({size},), got {tuple(w.shape)}")
     if w.dtype != x.dtype:
@@ -88,14 +71,14 @@ def _check_weight(w, x: Tensor, name: str, size: int) -> None:
 
 
 def _check_norm(x: Tensor, weight: Tensor, eps: float) -> int:
-    _check_float(x, "x")
+    check_float_tensor(x, "x")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the normalised one)")
     H = x.shape[-1]
     _check_weight(weight, x, "weight", H)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    _check_devices(x=x, weight=weight)
+    check_same_device(x=x, weight=weight)
     return H
 
 
@@ -103,19 +86,19 @@ def _check_add(x: Tensor, residual: Tensor, weight: Tensor, eps: float, pre_weig
     H = _check_norm(x, weight, eps)
     if pre_weight is not None:
         _check_weight(pre_weight, x, "pre_weight", H)
-        _check_devices(x=x, pre_weight=pre_weight)
-    _check_float(residual, "residual")
+        check_same_device(x=x, pre_weight=pre_weight)
+    check_float_tensor(residual, "residual")
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     if residual.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"residual must be {x.dtype} (x's dtype) or float32 (a float32 residual stream), got {residual.dtype}")
-    _check_devices(x=x, residual=residual)
+    check_same_device(x=x, residual=residual)
     return H
 
 
 def _check_qk(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids, k_cache, v_cache, cache_position):
     for t, n in ((q, "q"), (k, "k"), (v, "v"), (k_cache, "k_cache"), (v_cache, "v_cache")):
-        _check_float(t, n)
+        check_float_tensor(t, n)
         if t.dim() != 4:
             raise ValueError(f"{n} must have 4 dimensions, got shape {tuple(t.shape)}")
     B, T, Hq, D = q.shape
@@ -144,14 +127,14 @@ def _check_qk(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids
     _check_int64(cache_position, "cache_position", (T,))
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    _check_devices(q=q, k=k, v=v, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, inv_freq=inv_freq,
+    check_same_device(q=q, k=k, v=v, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, inv_freq=inv_freq,
                    position_ids=position_ids, k_cache=k_cache, v_cache=v_cache, cache_position=cache_position)
     return B, T, Hq, Hkv, D, S
 
 
 def _check_gate_route(x, router_weight, top_k) -> tuple[int, int, int]:
-    _check_float(x, "x")
-    _check_float(router_weight, "router_weight")
+    check_float_tensor(x, "x")
+    check_float_tensor(router_weight, "router_weight")
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)}")
     T, H = x.shape
@@ -162,7 +145,7 @@ def _check_gate_route(x, router_weight, top_k) -> tuple[int, int, int]:
     E = router_weight.shape[0]
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k must be in [1, {E}] (number of experts), got {top_k}")
-    _check_devices(x=x, router_weight=router_weight)
+    check_same_device(x=x, router_weight=router_weight)
     return T, H, E
 
 
@@ -170,12 +153,14 @@ def _check_gate_route(x, router_weight, top_k) -> tuple[int, int, int]:
 
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    """models/base.py's RMSNorm: float32 statistics, the normalised x rounded to w's dtype, times w."""
+    """models/layers.py's RMSNorm: float32 statistics, the normalised x rounded to w's dtype, times w."""
     xf = x.float()
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(w.dtype)
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """RoPE of x [..., D] by float32 cos/sin [..., D/2] (broadcast), x's dtype out: pairs (2i, 2i+1)
+    when interleaved, else (i, i + D/2). The one copy: models/layers.py's RoPE calls it."""
     if interleaved:
         x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
         return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2).to(x.dtype)
@@ -284,9 +269,9 @@ def qk_norm_rope_cache_cpu(
         k = _rms(k, k_norm_weight, eps)
     f = position_ids[..., None].float() * inv_freq
     cos, sin = f.cos()[:, :, None], f.sin()[:, :, None]
-    k_cache.index_copy_(2, cache_position, _rope(k, cos, sin, interleaved).transpose(1, 2).to(k_cache.dtype))
+    k_cache.index_copy_(2, cache_position, rope(k, cos, sin, interleaved).transpose(1, 2).to(k_cache.dtype))
     v_cache.index_copy_(2, cache_position, v.transpose(1, 2).to(v_cache.dtype))
-    return _rope(q, cos, sin, interleaved).transpose(1, 2).contiguous()
+    return rope(q, cos, sin, interleaved).transpose(1, 2).contiguous()
 
 
 def _qk_norm_rope_cache_fake(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids, interleaved, k_cache, v_cache, cache_position):
@@ -335,8 +320,11 @@ def _moe_gate_route_fake(x, router_weight, top_k, normalize):
 #
 # One launch per call, no reads of device memory. Vector (4-wide) loads need H % 4 == 0 and
 # 4-element-aligned buffers; otherwise the scalar variant of the same kernel runs.
-# `<op>_mps` validates, then calls `launch_<op>`: callers that validated once (a module at build)
-# may call the launch functions directly (only allocation and the launch remain per call).
+# `<op>_mps` validates (once per key of everything its check reads: common.check_once), then calls
+# `launch_<op>`: callers that validated once (a module at build) may call the launch functions directly.
+# The keys hold no token count where the check does not need it (rms_norm: only the last dim), so
+# prefill lengths do not add entries; qk_norm_rope_cache's does (its [B, T] shapes are checked
+# against each other): one small tuple per (B, T) seen.
 
 
 def _width(units: int) -> int:
@@ -351,8 +339,17 @@ def _vec(H: int, *tensors: Tensor) -> int:
     return 4 if H % 4 == 0 and all(t.storage_offset() % 4 == 0 for t in tensors) else 1
 
 
+def _key(make, *args):
+    """make(*args), or None for arguments no key can be formed of (not tensors: the check says what is wrong)."""
+    try:
+        return make(*args)
+    except (AttributeError, TypeError, IndexError):  # IndexError: a 0-dim x
+        return None
+
+
 def rms_norm_mps(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    _check_norm(x, weight, eps)
+    key = _key(lambda: ("rms_norm", x.dtype, x.shape[-1], x.device, sig(weight), eps))
+    check_once(key, _check_norm, x, weight, eps)
     return launch_rms_norm(x, weight, eps)
 
 
@@ -373,7 +370,9 @@ def launch_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def add_rms_norm_mps(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float, pre_weight: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    _check_add(x, residual, weight, eps, pre_weight)
+    key = _key(lambda: ("add_rms_norm", x.dtype, x.shape[-1], x.device, residual.dtype, residual.shape == x.shape,
+                        residual.device, sig(weight), eps, sig(pre_weight)))
+    check_once(key, _check_add, x, residual, weight, eps, pre_weight)
     return launch_add_rms_norm(x, residual, weight, eps, pre_weight)
 
 
@@ -404,7 +403,11 @@ def qk_norm_rope_cache_mps(
     inv_freq: Tensor, position_ids: Tensor, interleaved: bool, k_cache: Tensor, v_cache: Tensor,
     cache_position: Tensor,
 ) -> Tensor:
-    _check_qk(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids, k_cache, v_cache, cache_position)
+    key = _key(lambda: ("qk_norm_rope_cache", sig(q), sig(k), sig(v), sig(q_norm_weight), sig(k_norm_weight), eps,
+                        sig(inv_freq), sig(position_ids), sig(k_cache), k_cache.is_contiguous(), sig(v_cache),
+                        v_cache.is_contiguous(), sig(cache_position)))
+    check_once(key, _check_qk, q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids, k_cache, v_cache,
+               cache_position)
     return launch_qk_norm_rope_cache(
         q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position_ids, interleaved, k_cache, v_cache, cache_position
     )
@@ -438,10 +441,15 @@ def launch_qk_norm_rope_cache(
 
 
 def moe_gate_route_mps(x: Tensor, router_weight: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    key = _key(lambda: ("moe_gate_route", x.dtype, x.shape[1:], x.device, sig(router_weight), top_k))
+    check_once(key, _check_gate_route_mps, x, router_weight, top_k)
+    return launch_moe_gate_route(x, router_weight, top_k, normalize)
+
+
+def _check_gate_route_mps(x: Tensor, router_weight: Tensor, top_k: int) -> None:
     _, _, E = _check_gate_route(x, router_weight, top_k)
     if E > _ROUTE_MAX_EXPERTS:
         raise ValueError(f"the Metal routing kernel handles up to {_ROUTE_MAX_EXPERTS} experts, got {E}")
-    return launch_moe_gate_route(x, router_weight, top_k, normalize)
 
 
 def launch_moe_gate_route(x: Tensor, router_weight: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
