@@ -55,5 +55,8 @@ def _exact_cpu_path(request):
     if request.node.get_closest_marker("native"):
         yield
         return
-    with native.disabled():
+    before = native.set_enabled(False)  # process-wide: threads a test starts (a server's) follow it too
+    try:
         yield
+    finally:
+        native.set_enabled(before)

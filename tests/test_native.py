@@ -249,3 +249,27 @@ def test_add_rms_norm_native(pre):
         ref = torch.ops.ferrum.add_rms_norm(x, r, w, eps, pw)
     torch.testing.assert_close(normed, ref[0], rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.ferrum.add_rms_norm.default, (x, r, w, eps, pw))
+
+
+@pytest.mark.native
+def test_disabled_is_per_thread_and_set_enabled_is_process_wide():
+    import threading
+
+    seen = {}
+
+    def probe(name):
+        seen[name] = native.enabled()
+
+    assert native.enabled()
+    with native.disabled():
+        assert not native.enabled()
+        t = threading.Thread(target=probe, args=("inside",))
+        t.start(), t.join()
+    assert native.enabled() and seen["inside"]  # another thread (a server's model thread) kept the kernels
+    before = native.set_enabled(False)
+    try:
+        t = threading.Thread(target=probe, args=("off",))
+        t.start(), t.join()
+        assert before is True and not native.enabled() and not seen["off"]
+    finally:
+        native.set_enabled(before)

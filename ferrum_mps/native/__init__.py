@@ -19,6 +19,7 @@ switch every op back to that reference.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import hashlib
 import logging
@@ -46,7 +47,10 @@ QTYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4
 __all__ = ["QTYPES", "available", "enabled", "set_enabled", "disabled", "status", "isa_levels",
            "qmatmul", "moe_matmul", "get_rows", "qk_norm_rope_cache", "add_rms_norm"]
 
-_state = {"enabled": True}
+# The process-wide default (set_enabled) and a per-thread/per-task override (disabled()): one
+# thread's `with disabled():` must not change the numerics of another (a server's model thread).
+_default = [True]
+_override: contextvars.ContextVar[bool | None] = contextvars.ContextVar("ferrum_native_override", default=None)
 _lock = threading.Lock()
 _lib: dict = {}  # "lib": ctypes.CDLL | None, "why": str, "isa": str
 
@@ -58,24 +62,27 @@ class BuildError(RuntimeError):
 # ---------------------------------------------------------------------------- switch
 
 
-def set_enabled(flag: bool) -> None:
-    """Use the native kernels (True, the default) or the exact float torch reference (False)."""
-    _state["enabled"] = bool(flag)
+def set_enabled(flag: bool) -> bool:
+    """Use the native kernels (True, the default) or the exact float torch reference (False) in
+    every thread that is not inside `disabled()`; returns the previous setting."""
+    before, _default[0] = _default[0], bool(flag)
+    return before
 
 
 def enabled() -> bool:
-    return _state["enabled"]
+    o = _override.get()
+    return _default[0] if o is None else o
 
 
 @contextlib.contextmanager
 def disabled():
-    """`with native.disabled():` runs the ops on their exact float torch reference."""
-    before = _state["enabled"]
-    _state["enabled"] = False
+    """`with native.disabled():` runs the ops of this thread (or asyncio task) on their exact float
+    torch reference; other threads keep the process-wide setting."""
+    token = _override.set(False)
     try:
         yield
     finally:
-        _state["enabled"] = before
+        _override.reset(token)
 
 
 # ---------------------------------------------------------------------------- compiler and ISA
@@ -219,7 +226,7 @@ def status() -> dict:
 
 def _active(qt) -> ctypes.CDLL | None:
     """The library when native kernels should serve this qtype now, else None."""
-    if not _state["enabled"] or qt not in QTYPES:
+    if not enabled() or qt not in QTYPES:
         return None
     return _load()
 
@@ -284,7 +291,7 @@ def qk_norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, pos
     """ferrum::qk_norm_rope_cache for one float32 token (B = T = 1), arguments already checked by the op;
     position and slot are ints. Returns q rotated [1, Hq, 1, D], or None when the native path does not apply
     (disabled, unavailable, not all float32, caches not contiguous)."""
-    if not _state["enabled"]:
+    if not enabled():
         return None
     ts = (q, k, v, inv_freq, k_cache, v_cache) + tuple(w for w in (q_norm_weight, k_norm_weight) if w is not None)
     if any(t.dtype != torch.float32 for t in ts) or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -307,7 +314,7 @@ def qk_norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, pos
 
 def add_rms_norm(x, residual, weight, eps, pre_weight) -> tuple[torch.Tensor, torch.Tensor] | None:
     """ferrum::add_rms_norm when everything is float32 (arguments already checked by the op), else None."""
-    if not _state["enabled"]:
+    if not enabled():
         return None
     ts = (x, residual, weight) + ((pre_weight,) if pre_weight is not None else ())
     if any(t.dtype != torch.float32 for t in ts) or x.shape != residual.shape:
