@@ -289,8 +289,9 @@ def run(model, prompt_len: int, tokens: int, count: bool, generate_kwargs: dict,
             ctx.enter_context(CountOps(stats))
             ctx.enter_context(count_host_reads(stats))
         with ctx:
+            # eos_token_id=None fixes the length; min_new_tokens would add a vocabulary-wide mask per step
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens + 1,
-                           min_new_tokens=tokens + 1, do_sample=False, pad_token_id=0, **generate_kwargs)
+                           eos_token_id=None, do_sample=False, pad_token_id=0, **generate_kwargs)
     probe.remove()
     model.launch_path = None
     return probe.calls, stats
