@@ -31,12 +31,13 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 from . import metal, native, ops, quants, shaders
+from .kernels import DTYPE_NAMES
 from .ops import moe as M
 from .ops.fused_linear import FUSED_QTYPES
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = (F32, F16, BF16)
-_DT = {F32: "f32", F16: "f16", BF16: "bf16"}
+_DT = DTYPE_NAMES  # "f32" / "f16" / "bf16", as in the kernel names
 # Max error over max |reference| for outputs rounded to the activation dtype: the device and CPU
 # ops both accumulate in float32 and round once, so they differ by about one unit in the last
 # place of the output (float16 2^-10, bfloat16 2^-7), twice that as the bound.

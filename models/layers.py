@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ferrum_mps.ops  # noqa: F401  (registers torch.ops.ferrum.*)
+from ferrum_mps.nn.linear import QuantLinear
 from ferrum_mps.ops.norm import rope
 
 from .cache import StaticCache
@@ -105,8 +106,6 @@ def fusable(*modules) -> bool:
     """True when the fused kernels may read these projections' raw bytes instead of calling them:
     each is exactly a QuantLinear without forward hooks (a swapped-in nn.Linear or LoRA wrapper, or a
     hook, gets the module called)."""
-    from ferrum_mps.nn.linear import QuantLinear
-
     return all(type(m) is QuantLinear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
 
 

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from .. import kernels, native, quants, shaders
 from .common import (
-    FLOAT_DTYPES, FLOAT_QTYPES, IDS_DTYPES, NO_ID, cdiv, check_float_dtype, check_ids, check_metal, check_same_device, ferrum_op,
+    FLOAT_DTYPES, FLOAT_QTYPES, IDS_DTYPES, NO_ID, cdiv, check_float_tensor, check_ids, check_metal, check_same_device,
+    ferrum_op,
     ids_int32,
 )
 from .linear import SMALL_M, qlinear_small
@@ -33,9 +34,7 @@ _CPU_CHUNK_BYTES = 96 << 20
 
 
 def _check_float(t: Tensor, name: str, dims: tuple[int, ...]) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    check_float_dtype(t.dtype, name)
+    check_float_tensor(t, name)
     if t.dim() not in dims:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
 
