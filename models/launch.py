@@ -25,7 +25,7 @@ from ferrum_mps.ops import linear as _lin
 from ferrum_mps.ops import moe as _moe
 from ferrum_mps.ops import norm as _norm
 
-from .layers import fusable
+from ferrum_mps.nn.linear import QuantLinear
 
 # The same launches with (CHECKED) and without (UNCHECKED) their argument checks.
 CHECKED = dict(norm=_norm.rms_norm_mps, add=_norm.add_rms_norm_mps, qkv=_fl.qkv_linear_mps,
@@ -74,7 +74,9 @@ class LayerLaunch:
         self.checked_for = None  # (dtype, device) the weights were checked for
 
     def usable(self) -> bool:
-        return fusable(*self.projections) and not any(s._forward_hooks or s._forward_pre_hooks for s in self.submodules)
+        # fusable()'s rule; the projections' hooks are checked with every other submodule's
+        return all(type(p) is QuantLinear for p in self.projections) and not any(
+            s._forward_hooks or s._forward_pre_hooks for s in self.submodules)
 
     def __call__(self, x, step, pending):
         b, a = self.block, self.attn
