@@ -14,6 +14,9 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ferrum_mps import native
+
+from . import native_plan
 from .cache import StaticCache
 from .config import GGUFConfig
 from .layers import MLP, Block, RMSNorm, RoPE, Step, float_param
@@ -62,6 +65,10 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         # (models/launch.py; 128 -> 74 host us per layer at A3B dims). None = on MPS tensors; True =
         # on any device (CPU tensors under the Metal-on-CPU harness); False = always the ops.
         self.launch_path: bool | None = None
+        # One-token CPU steps on a StaticCache run as one native plan (models/native_plan.py) while the
+        # native kernels are enabled; False keeps them on the ops.
+        self.native_decode = True
+        self._native_plan = None
         self.post_init()
 
     def init_weights(self):  # every weight comes from the file: transformers must not re-initialise them
@@ -167,6 +174,10 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self._use_compiled_decode(cache, input_ids, inputs_embeds, cache_position):
             return self._compiled_step(input_ids, cache, attention_mask, logits_to_keep, use_cache)
+        if self._use_native_plan(cache, input_ids, inputs_embeds, logits_to_keep):
+            logits = self._native_step(input_ids, cache, attention_mask, position_ids, cache_position)
+            if logits is not None:
+                return CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache if use_cache else None})
         h = self._embed(input_ids, inputs_embeds)
         B, T = h.shape[:2]
         cache, cache_position, S, seen_after = self._cache_slots(cache, use_cache, cache_position, T, h.device)
@@ -233,6 +244,38 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         logits = self._compiled_decode(input_ids, cache, pos, mask)
         cache.seen += 1
         return CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache if use_cache else None})
+
+    # ------------------------------------------------------------ CPU decode as one native plan
+
+    def _use_native_plan(self, cache, input_ids, inputs_embeds, logits_to_keep) -> bool:
+        return (self.native_decode and not torch.compiler.is_compiling() and isinstance(cache, StaticCache)
+                and inputs_embeds is None and input_ids is not None and input_ids.shape == (1, 1)
+                and input_ids.device.type == "cpu" and isinstance(logits_to_keep, int) and native.enabled())
+
+    def _native_step(self, input_ids, cache: StaticCache, attention_mask, position_ids, cache_position):
+        """Logits [1, 1, V] of one token through the model's native plan, or None (op path) when no plan
+        applies or the mask hides a slot the token attends (left padding)."""
+        if cache_position is None:
+            slot = cache.seen
+            cache.check_room(slot, 1)
+        else:
+            if cache_position.shape != (1,):
+                return None
+            slot = int(cache_position[0])
+            if not 0 <= slot < cache.max_len:
+                raise ValueError(f"cache_position [{slot}] outside the static cache of {cache.max_len} slots")
+        if attention_mask is not None:
+            m = self._padding_mask(attention_mask, 1, cache.max_len, slot + 1)
+            if not bool(m[0, : slot + 1].all()):
+                return None
+        plan = native_plan.plan_for(self, cache)
+        if plan is None:
+            return None
+        position = slot if position_ids is None else int(position_ids.reshape(-1)[-1])
+        h = plan.run(self._embed(input_ids, None), position, slot)
+        if cache_position is None:
+            cache.seen = slot + 1
+        return self.lm_head(h)
 
     # ------------------------------------------------------------ generate() glue
 

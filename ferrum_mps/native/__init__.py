@@ -45,7 +45,8 @@ SOURCE = HERE / "qkernels.cpp"
 QTYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 
 __all__ = ["QTYPES", "available", "enabled", "set_enabled", "disabled", "status", "isa_levels",
-           "qmatmul", "moe_matmul", "get_rows", "qk_norm_rope_cache", "add_rms_norm"]
+           "qmatmul", "moe_matmul", "get_rows", "qk_norm_rope_cache", "add_rms_norm", "rms_norm", "act_mul",
+           "decode_attention", "moe_route", "moe_combine", "Plan", "plan_layout"]
 
 # The process-wide default (set_enabled) and a per-thread/per-task override (disabled()): one
 # thread's `with disabled():` must not change the numerics of another (a server's model thread).
@@ -200,9 +201,18 @@ def _declare(lib: ctypes.CDLL) -> None:
     f32 = ctypes.c_float
     lib.fm_qk_norm_rope_cache.argtypes = [p, p, p, i64, i64, i64, p, p, f32, p, i64, i32, p, p, i64, i64, p]
     lib.fm_add_rms_norm.argtypes = [p, p, p, p, f32, i64, i64, p, p]
-    for f in (lib.fm_qmatmul, lib.fm_moe_matmul, lib.fm_get_rows, lib.fm_qk_norm_rope_cache, lib.fm_add_rms_norm):
+    lib.fm_rms_norm.argtypes = [p, p, f32, i64, i64, p]
+    lib.fm_act_mul.argtypes = [i32, p, p, i64, p]
+    lib.fm_decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, p, i32]
+    lib.fm_moe_route.argtypes = [p, p, i64, i64, i64, i64, i32, p, p]
+    lib.fm_moe_combine.argtypes = [p, p, i64, i64, i64, p]
+    lib.fm_plan_run.argtypes = [p, i64, i64, i64, i32]
+    lib.fm_plan_layout.restype = ctypes.c_char_p
+    for f in (lib.fm_qmatmul, lib.fm_moe_matmul, lib.fm_get_rows, lib.fm_qk_norm_rope_cache, lib.fm_add_rms_norm,
+              lib.fm_rms_norm, lib.fm_act_mul, lib.fm_decode_attention, lib.fm_moe_route, lib.fm_moe_combine,
+              lib.fm_plan_run):
         f.restype = ctypes.c_int
-    if lib.fm_abi_version() != 2:
+    if lib.fm_abi_version() != 3:
         raise OSError("stale native library (ABI version mismatch)")
 
 
@@ -330,3 +340,143 @@ def add_rms_norm(x, residual, weight, eps, pre_weight) -> tuple[torch.Tensor, to
                                weight.data_ptr(), eps, x.numel() // H if H else 0, H, normed.data_ptr(), s.data_ptr()),
            "add_rms_norm")
     return normed, s
+
+
+def _float32_lib(*ts) -> ctypes.CDLL | None:
+    """The library when enabled and every tensor is a float32 CPU tensor, else None."""
+    if not enabled() or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in ts):
+        return None
+    return _load()
+
+
+def rms_norm(x, weight, eps) -> torch.Tensor | None:
+    """ferrum::rms_norm on float32 (arguments already checked by the op), else None."""
+    lib = _float32_lib(x, weight)
+    if lib is None:
+        return None
+    H = x.shape[-1]
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty_like(x)
+    _check(lib.fm_rms_norm(x.data_ptr(), weight.data_ptr(), eps, x.numel() // H if H else 0, H, out.data_ptr()),
+           "rms_norm")
+    return out
+
+
+def act_mul(act: str, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+    """act(g) * u for float32 g, u of one shape (act: a name in plan_layout()'s activations), else None."""
+    lib = _float32_lib(g, u)
+    if lib is None or g.shape != u.shape or act not in plan_layout()[1]:
+        return None
+    g, u = g.contiguous(), u.contiguous()
+    out = torch.empty_like(g)
+    _check(lib.fm_act_mul(plan_layout()[1].index(act), g.data_ptr(), u.data_ptr(), g.numel(), out.data_ptr()), "act_mul")
+    return out
+
+
+def decode_attention(q, k_cache, v_cache, lo: int, hi: int, scale: float) -> torch.Tensor | None:
+    """One query per batch row and head, q [B, Hq, 1, D], over cache slots [lo, hi) of k/v_cache [B, Hkv, S, D]
+    (float32) -> [B, 1, Hq * D]; None when the native path does not apply."""
+    lib = _float32_lib(q, k_cache, v_cache)
+    if lib is None or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    B, Hq, _, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    q = q.contiguous()
+    out = torch.empty((B, 1, Hq * D), dtype=torch.float32)
+    _check(lib.fm_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), B, Hq, Hkv, D, S, lo, hi,
+                                   scale, out.data_ptr(), torch.get_num_threads()), "decode_attention")
+    return out
+
+
+def moe_route(x, router_weight, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """ferrum::moe_gate_route on float32 x [T, H] and router [E, H] (checked by the op), else None."""
+    lib = _float32_lib(x, router_weight)
+    if lib is None or top_k > 16:
+        return None
+    x, r = x.contiguous(), router_weight.contiguous()
+    T, H = x.shape
+    w = torch.empty((T, top_k), dtype=torch.float32)
+    ids = torch.empty((T, top_k), dtype=torch.int32)
+    _check(lib.fm_moe_route(x.data_ptr(), r.data_ptr(), T, H, r.shape[0], top_k, int(normalize), w.data_ptr(),
+                            ids.data_ptr()), "moe_route")
+    return w, ids
+
+
+def moe_combine(weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """sum over slots of weights [T, k] * y [T, k, H] -> [T, H] (float32), else None."""
+    lib = _float32_lib(weights, y)
+    if lib is None:
+        return None
+    T, k, H = y.shape
+    weights, y = weights.contiguous(), y.contiguous()
+    out = torch.empty((T, H), dtype=torch.float32)
+    _check(lib.fm_moe_combine(weights.data_ptr(), y.data_ptr(), T, k, H, out.data_ptr()), "moe_combine")
+    return out
+
+
+# ---------------------------------------------------------------------------- decode plans
+
+
+@lru_cache(maxsize=None)
+def plan_layout() -> tuple[dict, tuple[str, ...], int, int]:
+    """({op name: (code, int fields, float fields)}, activation names, ints, floats) as qkernels.cpp
+    declares them (fm_plan_layout): the one description of a plan step both sides read."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {_lib.get('why')}")
+    lines = lib.fm_plan_layout().decode().strip().splitlines()
+    head = lines[0].split()
+    n_ints, n_floats = int(head[1]), int(head[3])
+    acts = tuple(lines[1].split()[1:])
+    ops = {}
+    for line in lines[2:]:
+        ints, _, floats = line.partition("|")
+        code, name, *fields = ints.split()
+        ops[name] = (int(code), tuple(fields), tuple(floats.split()))
+    return ops, acts, n_ints, n_floats
+
+
+class Plan:
+    """Native steps run in order by one call per token (`fm_plan_run`): a model's decode step on CPU.
+
+    `add(op, **fields)` takes the fields qkernels.cpp's PLAN_LAYOUT names: tensors (their data
+    pointers; the plan keeps them alive), ints, None (a null pointer) and floats. The caller checks
+    shapes, dtypes (float32) and contiguity: the C++ side trusts the pointers.
+    """
+
+    def __init__(self):
+        self._rows: list[list] = []
+        self._keep: list[torch.Tensor] = []
+        self._table: torch.Tensor | None = None
+
+    def add(self, op: str, **fields) -> None:
+        ops, acts, n_ints, n_floats = plan_layout()
+        code, int_names, float_names = ops[op]
+        unknown = set(fields) - set(int_names) - set(float_names)
+        if unknown:
+            raise KeyError(f"plan op {op} has no field(s) {sorted(unknown)}")
+        ints = [0] * n_ints
+        for i, name in enumerate(int_names):
+            v = fields.get(name)
+            if isinstance(v, torch.Tensor):
+                self._keep.append(v)
+                v = v.data_ptr()
+            elif name == "act" and isinstance(v, str):
+                v = acts.index(v)
+            ints[i] = int(v or 0)
+        floats = [float(fields.get(name, 0.0)) for name in float_names] + [0.0] * (n_floats - len(float_names))
+        self._rows.append([code, *ints, *floats])
+        self._table = None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def run(self, position: int, slot: int) -> None:
+        if self._table is None:
+            _, _, n_ints, _ = plan_layout()
+            t = torch.tensor([r[: 1 + n_ints] + [0] * (len(r) - 1 - n_ints) for r in self._rows], dtype=torch.int64)
+            fl = torch.tensor([r[1 + n_ints :] for r in self._rows], dtype=torch.float64)
+            t[:, 1 + n_ints :] = fl.view(torch.int64)
+            self._table = t
+        _check(_load().fm_plan_run(self._table.data_ptr(), len(self._rows), position, slot, torch.get_num_threads()),
+               "plan")

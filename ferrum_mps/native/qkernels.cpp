@@ -757,21 +757,54 @@ static bool scratch_reserve(int64_t k) {
     return true;
 }
 
-// Task t's weight rows against its activation rows with one fused kernel (a template
-// argument, so the kernel inlines into the row loop: an indirect call per row cost ~1 ms
-// per token on the 262144-row lm_head). Not inlined into job_task: a larger job_task stopped
-// clang inlining dot_q8_0 there (lm_head m=2 went from 8.2 to 10.5 ms).
+// One weight matrix: n rows of raw GGML blocks of k values.
+struct MatRef {
+    int qtype;
+    Format fmt;
+    UnpackFn unpack;
+    const uint8_t* w;
+    int64_t n, k, row_bytes;
+};
+
+static bool mat_ref(int qtype, const uint8_t* w, int64_t n, int64_t k, MatRef* m) {
+    Format f;
+    if (!format_of(qtype, &f) || k % f.block || k % 32) return false;
+    *m = MatRef{qtype, f, unpack_of(qtype), w, n, k, k / f.block * f.bytes};
+    return true;
+}
+
+// Rows [r0, r1) with one fused kernel (a template argument, so the kernel inlines into the row
+// loop: an indirect call per row cost ~1 ms per token on the 262144-row lm_head).
 template <FusedFn F>
-__attribute__((noinline)) static void fused_rows(const Job* J, int64_t t, float* m16) {
-    const int64_t k = J->k, nb32 = k / 32, n16 = k / 16;
-    const uint8_t* w = J->tw[t];
-    for (int64_t r = J->tr0[t]; r < J->tr1[t]; r++) {
-        const uint8_t* row = w + r * J->row_bytes;
-        for (int64_t i = J->tp0[t]; i < J->tp0[t] + J->tpn[t]; i++) {
-            const int64_t xr = J->xrow[i];
-            const QRow a = {(int8_t*)J->aq + xr * k, (float*)J->ad32 + xr * nb32, (float*)J->as16 + xr * n16};
-            J->out[J->pairs[i] * J->n + r] = F(row, a, k, m16);
-        }
+static void fused_rows(const MatRef& M, int64_t r0, int64_t r1, const QRow& a, float* out, float* m16) {
+    for (int64_t r = r0; r < r1; r++) out[r] = F(M.w + r * M.row_bytes, a, M.k, m16);
+}
+
+// One activation row against weight rows [r0, r1): out[r] = row r . a. Decode's mat-vec, shared
+// by the grouped mat-mul (a task with one row) and the decode plans, so both give the same bits.
+// Not inlined into its callers: a larger job_task stopped clang inlining dot_q8_0 there (lm_head
+// m=2 went from 8.2 to 10.5 ms).
+__attribute__((noinline)) static void dot_rows_1(const MatRef& M, int64_t r0, int64_t r1, const QRow& a, float* out) {
+    const int64_t k = M.k, nb32 = k / 32;
+    if (M.qtype == T_Q8_0) {  // in place
+        for (int64_t r = r0; r < r1; r++) out[r] = dot_q8_0(M.w + r * M.row_bytes, a, nb32);
+        return;
+    }
+    if (!scratch_reserve(k)) abort();  // out of memory for k bytes: nothing sane to return
+    Scratch& s = t_scratch;
+#if defined(__AVX2__)
+    switch (M.qtype) {
+        case T_Q5_0: fused_rows<fused_q5_0>(M, r0, r1, a, out, s.m16); return;
+        case T_Q4_K: fused_rows<fused_q4_k>(M, r0, r1, a, out, s.m16); return;
+        case T_Q6_K: fused_rows<fused_q6_k>(M, r0, r1, a, out, s.m16); return;
+        default: break;
+    }
+#endif
+    for (int64_t r = r0; r < r1; r++) {
+        M.unpack(M.w + r * M.row_bytes, k / M.fmt.block, s.q, s.d16, s.m16);
+        float v = dot_unpacked(s.q, s.d16, a, nb32);
+        if (M.fmt.has_min) v += dot_min(s.m16, a.s16, k / 16);
+        out[r] = v;
     }
 }
 
@@ -780,6 +813,13 @@ static void job_task(void* ctx, int64_t t) {
     const int64_t k = J->k, nb32 = k / 32, n16 = k / 16, nb = k / J->fmt.block;
     const uint8_t* w = J->tw[t];
     const int64_t p0 = J->tp0[t], pn = J->tpn[t];
+    if (pn == 1) {  // one activation row: in place
+        const int64_t xr = J->xrow[p0];
+        const QRow a = {(int8_t*)J->aq + xr * k, (float*)J->ad32 + xr * nb32, (float*)J->as16 + xr * n16};
+        const MatRef M{J->qtype, J->fmt, J->unpack, w, J->n, k, J->row_bytes};
+        dot_rows_1(M, J->tr0[t], J->tr1[t], a, J->out + J->pairs[p0] * J->n);
+        return;
+    }
     if (J->qtype == T_Q8_0 && pn < 4) {  // in place; from 4 rows on, the blocked path below wins
         for (int64_t r = J->tr0[t]; r < J->tr1[t]; r++) {
             const uint8_t* row = w + r * J->row_bytes;
@@ -791,20 +831,10 @@ static void job_task(void* ctx, int64_t t) {
         }
         return;
     }
-    if (!scratch_reserve(k)) abort();  // out of memory for k bytes: nothing sane to return
+    // Two or three activation rows: unpacking once and reusing the row measured faster than
+    // in-place dots (the Q5_0 codes cost as much as the dot product).
+    if (!scratch_reserve(k)) abort();
     Scratch& s = t_scratch;
-#if defined(__AVX2__)
-    // One activation row: in place. Two or three: unpacking once and reusing the row measured
-    // faster (the Q5_0 codes cost as much as the dot product).
-    if (pn == 1) {
-        switch (J->qtype) {
-            case T_Q5_0: fused_rows<fused_q5_0>(J, t, s.m16); return;
-            case T_Q4_K: fused_rows<fused_q4_k>(J, t, s.m16); return;
-            case T_Q6_K: fused_rows<fused_q6_k>(J, t, s.m16); return;
-            default: break;
-        }
-    }
-#endif
     for (int64_t r = J->tr0[t]; r < J->tr1[t]; r++) {
         J->unpack(w + r * J->row_bytes, nb, s.q, s.d16, s.m16);
         int64_t i = p0;
@@ -938,7 +968,7 @@ done:
 
 // ---------------------------------------------------------------------------- exports
 
-FM_EXPORT int fm_abi_version(void) { return 2; }
+FM_EXPORT int fm_abi_version(void) { return 3; }
 
 FM_EXPORT int fm_supported(int qtype) {
     Format f;
@@ -1067,6 +1097,374 @@ FM_EXPORT int fm_add_rms_norm(const float* x, const float* residual, const float
         for (int64_t j = 0; j < H; j++) sum[j] = residual[j] + (pre ? pre[j] * (x[j] * px) : x[j]);
         const float ps = rms_scale(sum, H, eps);
         for (int64_t j = 0; j < H; j++) normed[j] = w[j] * (sum[j] * ps);
+    }
+    return 0;
+}
+
+// ---------------------------------------------------------------------------- float32 decode helpers
+//
+// Shared by the ops' native paths (ferrum_mps/native/__init__.py) and the decode plans below, so a
+// token computes the same bits through either: greedy text does not depend on which one ran.
+
+FM_EXPORT int fm_rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t H, float* out) {
+    if (H <= 0) return 2;
+    for (int64_t r = 0; r < rows; r++, x += H, out += H) {
+        const float s = rms_scale(x, H, eps);
+        for (int64_t j = 0; j < H; j++) out[j] = w[j] * (x[j] * s);
+    }
+    return 0;
+}
+
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
+
+static inline float act_fn(int act, float g) {
+    if (act == ACT_SILU) return g / (1.f + expf(-g));
+    const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+    return 0.5f * g * (1.f + tanhf(c * (g + 0.044715f * g * g * g)));
+}
+
+// out = act(g) * u, elementwise (out may be g).
+FM_EXPORT int fm_act_mul(int act, const float* g, const float* u, int64_t n, float* out) {
+    if (act != ACT_SILU && act != ACT_GELU_TANH) return 2;
+    for (int64_t j = 0; j < n; j++) out[j] = act_fn(act, g[j]) * u[j];
+    return 0;
+}
+
+static inline float dot_f32(const float* a, const float* b, int64_t n) {
+    int64_t j = 0;
+    float acc = 0.f;
+#if defined(__AVX2__)
+    __m256 v = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), v);
+    acc = hsum8(v);
+#endif
+    for (; j < n; j++) acc += a[j] * b[j];
+    return acc;
+}
+
+// Per-thread float scratch (attention scores, MoE router probabilities and expert rows).
+static __thread float* t_f = nullptr;
+static __thread int64_t t_fcap = 0;
+static float* fscratch(int64_t n) {
+    if (n > t_fcap) {
+        free(t_f);
+        t_f = (float*)malloc(sizeof(float) * (n > 0 ? n : 1));
+        t_fcap = t_f ? n : 0;
+    }
+    return t_f;
+}
+
+struct AttnJob {
+    const float *q, *kc, *vc;
+    float* out;
+    int64_t Hq, G, D, S, lo, hi;
+    float scale;
+};
+
+// One query head over cache slots [lo, hi): softmax(q.k * scale) . v in float32.
+static void attn_task(void* ctx, int64_t bh) {
+    const AttnJob* J = (const AttnJob*)ctx;
+    const int64_t D = J->D, n = J->hi - J->lo, b = bh / J->Hq, h = bh % J->Hq;
+    const int64_t Hkv = J->Hq / J->G;
+    float* p = fscratch(n);
+    if (!p) abort();
+    const float* qh = J->q + bh * D;
+    const float* K = J->kc + ((b * Hkv + h / J->G) * J->S + J->lo) * D;
+    const float* V = J->vc + ((b * Hkv + h / J->G) * J->S + J->lo) * D;
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < n; s++) {
+        p[s] = dot_f32(qh, K + s * D, D) * J->scale;
+        mx = p[s] > mx ? p[s] : mx;
+    }
+    float sum = 0.f;
+    for (int64_t s = 0; s < n; s++) sum += (p[s] = expf(p[s] - mx));
+    float* o = J->out + bh * D;
+    memset(o, 0, sizeof(float) * D);
+    for (int64_t s = 0; s < n; s++) {
+        const float* v = V + s * D;
+        for (int64_t j = 0; j < D; j++) o[j] += p[s] * v[j];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t j = 0; j < D; j++) o[j] *= inv;
+}
+
+// One query per (batch, head): q [B, Hq, D], caches [B, Hkv, S, D], slots [lo, hi) -> out [B, Hq, D].
+FM_EXPORT int fm_decode_attention(const float* q, const float* kc, const float* vc, int64_t B, int64_t Hq, int64_t Hkv,
+                                  int64_t D, int64_t S, int64_t lo, int64_t hi, float scale, float* out, int nthreads) {
+    if (Hkv < 1 || Hq % Hkv || lo < 0 || hi <= lo || hi > S) return 2;
+    AttnJob J{q, kc, vc, out, Hq, Hq / Hkv, D, S, lo, hi, scale};
+    parallel_for(B * Hq, (hi - lo) * D * Hq * B < (1 << 16) ? 1 : nthreads, attn_task, &J);
+    return 0;
+}
+
+enum { MAX_TOPK = 16 };
+
+// Router of T tokens: probs = softmax(x . router^T) (float32), the top-k with ties to the lower
+// expert index, renormalised when asked; a token whose softmax is undefined (a NaN or infinite
+// logit) gets ids -1 and weights 0 (ferrum::moe_gate_route's rules).
+FM_EXPORT int fm_moe_route(const float* x, const float* router, int64_t T, int64_t H, int64_t E, int64_t topk,
+                           int normalize, float* w, int32_t* ids) {
+    if (topk < 1 || topk > MAX_TOPK || topk > E) return 2;
+    float* probs = fscratch(E);
+    if (!probs) return 3;
+    for (int64_t t = 0; t < T; t++, x += H, w += topk, ids += topk) {
+        float mx = -INFINITY;
+        for (int64_t e = 0; e < E; e++) {
+            probs[e] = dot_f32(x, router + e * H, H);
+            mx = probs[e] > mx ? probs[e] : mx;
+        }
+        float sum = 0.f;
+        for (int64_t e = 0; e < E; e++) sum += (probs[e] = expf(probs[e] - mx));
+        if (isnan(sum)) {
+            for (int64_t s = 0; s < topk; s++) { ids[s] = -1; w[s] = 0.f; }
+            continue;
+        }
+        for (int64_t e = 0; e < E; e++) probs[e] /= sum;
+        for (int64_t s = 0; s < topk; s++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                bool taken = false;
+                for (int64_t r = 0; r < s; r++) taken |= ids[r] == e;
+                if (!taken && (best < 0 || probs[e] > probs[best])) best = e;
+            }
+            ids[s] = (int32_t)best;
+            w[s] = probs[best];
+        }
+        if (normalize) {
+            float ws = 0.f;
+            for (int64_t s = 0; s < topk; s++) ws += w[s];
+            for (int64_t s = 0; s < topk; s++) w[s] /= ws;
+        }
+    }
+    return 0;
+}
+
+// out[t] = sum over slots s (in order) of w[t, s] * y[t, s]: y [T, topk, H].
+FM_EXPORT int fm_moe_combine(const float* w, const float* y, int64_t T, int64_t topk, int64_t H, float* out) {
+    for (int64_t t = 0; t < T; t++, w += topk, y += topk * H, out += H)
+        for (int64_t j = 0; j < H; j++) {
+            float acc = 0.f;
+            for (int64_t s = 0; s < topk; s++) acc += w[s] * y[s * H + j];
+            out[j] = acc;
+        }
+    return 0;
+}
+
+// ---------------------------------------------------------------------------- decode plans
+//
+// A model's whole one-token decode step (batch 1, float32) as a list of steps that one call runs:
+// models/native_plan.py builds the list from the decoder layers once per cache. Per token, Python
+// then pays one ctypes call instead of ~10 dispatched ops per layer, and the pool's threads stay
+// hot from step to step instead of handing the cores to torch's OpenMP team between ops.
+//
+// A step is an op code, PLAN_INTS int64 (integers and pointers) and PLAN_FLOATS float64. PLAN_LAYOUT
+// names each op's fields in order; Python reads it (fm_plan_layout) to fill them, so the two sides
+// share one description. Per token, `position` (rope) and `slot` (cache slot, attended up to and
+// including it) are the call's arguments.
+
+#define PLAN_INTS 24
+#define PLAN_FLOATS 2
+#define FM_STR_(x) #x
+#define FM_STR(x) FM_STR_(x)
+enum { PLAN_MAX_MATS = 2 * MAX_TOPK };
+struct PlanStep {
+    int64_t op;
+    int64_t i[PLAN_INTS];
+    double f[PLAN_FLOATS];
+};
+
+enum { P_RMS_NORM = 1, P_ADD_RMS_NORM, P_MATVEC, P_ACT_MUL, P_QK_ROPE_CACHE, P_ATTENTION, P_MOE };
+
+static const char PLAN_LAYOUT[] =
+    "ints " FM_STR(PLAN_INTS) " floats " FM_STR(PLAN_FLOATS) "\n"
+    "acts silu gelu_pytorch_tanh\n"
+    "1 rms_norm x w H out | eps\n"
+    "2 add_rms_norm x residual pre w H normed sum | eps\n"
+    "3 matvec x k nmat qtype0 w0 n0 bias0 out0 qtype1 w1 n1 bias1 out1 qtype2 w2 n2 bias2 out2 |\n"
+    "4 act_mul act g u n out |\n"
+    "5 qk_rope_cache q k v Hq Hkv D qw kw inv_freq interleaved kc vc S qout | eps\n"
+    "6 attention q kc vc Hq Hkv D S window out | scale\n"
+    "7 moe x H E topk inter normalize router gate_qtype gate_w up_qtype up_w down_qtype down_w act out |\n";
+
+FM_EXPORT const char* fm_plan_layout(void) { return PLAN_LAYOUT; }
+
+// Growable per-thread buffers (the caller's; workers only read them during a step).
+struct PlanBufs {
+    int8_t* q = nullptr;  // quantized activation rows
+    float* d32 = nullptr;
+    float* s16 = nullptr;
+    int64_t qcap = 0;      // values
+    float* f = nullptr;    // float scratch
+    int64_t fcap = 0;
+};
+static __thread PlanBufs t_plan;
+
+static bool plan_reserve(int64_t qvalues, int64_t floats) {
+    PlanBufs& b = t_plan;
+    if (qvalues > b.qcap) {
+        free(b.q); free(b.d32); free(b.s16);
+        b.q = (int8_t*)malloc(qvalues + 64);
+        b.d32 = (float*)malloc(sizeof(float) * (qvalues / 32 + 4));
+        b.s16 = (float*)malloc(sizeof(float) * (qvalues / 16 + 4));
+        b.qcap = (b.q && b.d32 && b.s16) ? qvalues : 0;
+        if (!b.qcap) return false;
+    }
+    if (floats > b.fcap) {
+        free(b.f);
+        b.f = (float*)malloc(sizeof(float) * floats);
+        b.fcap = b.f ? floats : 0;
+        if (!b.fcap) return false;
+    }
+    return true;
+}
+
+// Row i of the activation buffer, rows `stride` values apart (stride % 32 == 0).
+static QRow plan_row(int64_t i, int64_t stride) {
+    return QRow{t_plan.q + i * stride, t_plan.d32 + i * (stride / 32), t_plan.s16 + i * (stride / 16)};
+}
+
+// Mat-vecs of several matrices in one pool job: matrix j's rows against activation row a[j].
+struct MatvecJob {
+    int nmat = 0;
+    MatRef m[PLAN_MAX_MATS];
+    QRow a[PLAN_MAX_MATS];
+    float* out[PLAN_MAX_MATS];
+    const float* bias[PLAN_MAX_MATS];
+    int64_t rpt[PLAN_MAX_MATS];
+    int64_t first[PLAN_MAX_MATS + 1];  // first task of each matrix
+};
+
+static void matvec_task(void* ctx, int64_t t) {
+    const MatvecJob* J = (const MatvecJob*)ctx;
+    int j = 0;
+    while (t >= J->first[j + 1]) j++;
+    const MatRef& M = J->m[j];
+    const int64_t r0 = (t - J->first[j]) * J->rpt[j], r1 = r0 + J->rpt[j] < M.n ? r0 + J->rpt[j] : M.n;
+    dot_rows_1(M, r0, r1, J->a[j], J->out[j]);
+    if (J->bias[j])
+        for (int64_t r = r0; r < r1; r++) J->out[j][r] += J->bias[j][r];
+}
+
+static void run_matvecs(MatvecJob* J, int nthreads) {
+    int64_t tasks = 0, work = 0;
+    for (int j = 0; j < J->nmat; j++) {
+        J->rpt[j] = rows_per_task(J->m[j].n, J->m[j].k, 1, nthreads);
+        J->first[j] = tasks;
+        tasks += (J->m[j].n + J->rpt[j] - 1) / J->rpt[j];
+        work += J->m[j].n * J->m[j].k;
+    }
+    J->first[J->nmat] = tasks;
+    parallel_for(tasks, work < (1 << 17) ? 1 : nthreads, matvec_task, J);  // tiny: a wake-up costs more
+}
+
+static int plan_matvec(const int64_t* a, int nthreads) {
+    const float* x = (const float*)a[0];
+    const int64_t k = a[1], nmat = a[2];
+    if (nmat < 1 || nmat > 3 || !plan_reserve(k, 0)) return 2;
+    quantize_row(x, k, plan_row(0, k));
+    MatvecJob J;
+    J.nmat = (int)nmat;
+    for (int j = 0; j < nmat; j++) {
+        const int64_t* m = a + 3 + 5 * j;
+        if (!mat_ref((int)m[0], (const uint8_t*)m[1], m[2], k, &J.m[j])) return 3;
+        J.a[j] = plan_row(0, k);
+        J.bias[j] = (const float*)m[3];
+        J.out[j] = (float*)m[4];
+    }
+    run_matvecs(&J, nthreads);
+    return 0;
+}
+
+// The MoE feed-forward of one token: route, gate/up of the top-k experts in one pool job, act,
+// down in another, combine. The same functions (and dot_rows_1) as the ops' native path.
+static int plan_moe(const int64_t* a, int nthreads) {
+    const float* x = (const float*)a[0];
+    const int64_t H = a[1], E = a[2], topk = a[3], inter = a[4];
+    const int normalize = (int)a[5], act = (int)a[13];
+    float* out = (float*)a[14];
+    if (topk > MAX_TOPK || H % 32 || inter % 32) return 2;
+    const int64_t stride = H > inter ? H : inter;
+    if (!plan_reserve(stride * (1 + topk), 2 * topk * inter + topk * H)) return 3;
+    float* g = t_plan.f;
+    float* u = g + topk * inter;
+    float* y = u + topk * inter;
+    int32_t ids[MAX_TOPK];
+    float w[MAX_TOPK];
+    const int rc = fm_moe_route(x, (const float*)a[6], 1, H, E, topk, normalize, w, ids);
+    if (rc) return rc;
+    if (ids[0] < 0) {  // an undefined softmax selects no expert (weight 0): the block adds nothing
+        memset(out, 0, sizeof(float) * H);
+        return 0;
+    }
+    quantize_row(x, H, plan_row(0, stride));
+    MatvecJob J;
+    J.nmat = (int)(2 * topk);
+    for (int64_t s = 0; s < topk; s++) {
+        MatRef gm, um;
+        if (!mat_ref((int)a[7], (const uint8_t*)a[8], inter, H, &gm) || !mat_ref((int)a[9], (const uint8_t*)a[10], inter, H, &um))
+            return 4;
+        gm.w += ids[s] * inter * gm.row_bytes;
+        um.w += ids[s] * inter * um.row_bytes;
+        J.m[2 * s] = gm;
+        J.m[2 * s + 1] = um;
+        J.a[2 * s] = J.a[2 * s + 1] = plan_row(0, stride);
+        J.out[2 * s] = g + s * inter;
+        J.out[2 * s + 1] = u + s * inter;
+        J.bias[2 * s] = J.bias[2 * s + 1] = nullptr;
+    }
+    run_matvecs(&J, nthreads);
+    fm_act_mul(act, g, u, topk * inter, g);
+    for (int64_t s = 0; s < topk; s++) quantize_row(g + s * inter, inter, plan_row(1 + s, stride));
+    J.nmat = (int)topk;
+    for (int64_t s = 0; s < topk; s++) {
+        MatRef dm;
+        if (!mat_ref((int)a[11], (const uint8_t*)a[12], H, inter, &dm)) return 4;
+        dm.w += ids[s] * H * dm.row_bytes;
+        J.m[s] = dm;
+        J.a[s] = plan_row(1 + s, stride);
+        J.out[s] = y + s * H;
+        J.bias[s] = nullptr;
+    }
+    run_matvecs(&J, nthreads);
+    return fm_moe_combine(w, y, 1, topk, H, out);
+}
+
+static int plan_step(const PlanStep& st, int64_t position, int64_t slot, int nthreads) {
+    const int64_t* a = st.i;
+    switch (st.op) {
+        case P_RMS_NORM:
+            return fm_rms_norm((const float*)a[0], (const float*)a[1], (float)st.f[0], 1, a[2], (float*)a[3]);
+        case P_ADD_RMS_NORM:
+            return fm_add_rms_norm((const float*)a[0], (const float*)a[1], (const float*)a[2], (const float*)a[3],
+                                   (float)st.f[0], 1, a[4], (float*)a[5], (float*)a[6]);
+        case P_MATVEC:
+            return plan_matvec(a, nthreads);
+        case P_ACT_MUL:
+            return fm_act_mul((int)a[0], (const float*)a[1], (const float*)a[2], a[3], (float*)a[4]);
+        case P_QK_ROPE_CACHE:
+            return fm_qk_norm_rope_cache((const float*)a[0], (const float*)a[1], (const float*)a[2], a[3], a[4], a[5],
+                                         (const float*)a[6], (const float*)a[7], (float)st.f[0], (const float*)a[8],
+                                         position, (int)a[9], (float*)a[10], (float*)a[11], a[12], slot, (float*)a[13]);
+        case P_ATTENTION: {
+            const int64_t Hq = a[3], Hkv = a[4], D = a[5], S = a[6], window = a[7];
+            if (Hkv < 1 || Hq % Hkv || slot < 0 || slot >= S) return 2;
+            const int64_t hi = slot + 1, lo = window > 0 && hi > window ? hi - window : 0;
+            return fm_decode_attention((const float*)a[0], (const float*)a[1], (const float*)a[2], 1, Hq, Hkv, D, S, lo,
+                                       hi, (float)st.f[0], (float*)a[8], nthreads);
+        }
+        case P_MOE:
+            return plan_moe(a, nthreads);
+        default:
+            return 1;
+    }
+}
+
+// Runs steps [0, nsteps) for one token; 0, or 1000 * (step + 1) + the step's error code.
+FM_EXPORT int fm_plan_run(const PlanStep* steps, int64_t nsteps, int64_t position, int64_t slot, int nthreads) {
+    fp16_init();
+    for (int64_t s = 0; s < nsteps; s++) {
+        const int rc = plan_step(steps[s], position, slot, nthreads);
+        if (rc) return (int)(1000 * (s + 1) + rc);
     }
     return 0;
 }

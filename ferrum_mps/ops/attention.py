@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from .. import shaders
+from .. import native, shaders
 from ..kernels import DTYPE_NAMES as _DT
 from ..kernels import GEOMETRY as _G
 from .common import check_float_dtype, check_once, sig
@@ -108,6 +108,9 @@ def decode_attention(
         # (61 -> ~20 us a call, ~0.7 ms of a 24 ms Gemma CPU token).
         lo = max(0, hi - window) if window > 0 else 0
         if attention_mask is None or bool(attention_mask[:, lo:hi].all()):  # slots past the mask's end are kept
+            o = native.decode_attention(q.float(), k_cache, v_cache, lo, hi, scale)  # the decode plans' code
+            if o is not None:
+                return o.to(q.dtype)
             G = Hq // Hkv
             o = torch.nn.functional.scaled_dot_product_attention(
                 q.float().reshape(B, Hkv, G, D), k_cache[:, :, lo:hi].float(), v_cache[:, :, lo:hi].float(), scale=scale)

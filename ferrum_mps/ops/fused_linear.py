@@ -16,7 +16,7 @@ import functools
 import torch
 from gguf import GGMLQuantizationType
 
-from .. import quants, shaders
+from .. import native, quants, shaders
 from . import linear as L
 from ..kernels import DTYPE_NAMES, GEOMETRY
 from .common import check_metal, check_once
@@ -159,7 +159,8 @@ def gate_up_act(
     xf = x.float()
     g = L.qlinear(xf, raw_gate, qtype_gate, inter, in_features)
     u = L.qlinear(xf, raw_up, qtype_up, inter, in_features)
-    return (fn(g) * u).to(x.dtype)
+    h = native.act_mul(act, g, u)  # the decode plans' code, so both give the same bits
+    return (h if h is not None else fn(g) * u).to(x.dtype)
 
 
 @gate_up_act.register_fake

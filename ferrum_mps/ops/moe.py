@@ -288,11 +288,11 @@ def _moe_ffn_native(xf, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up
     u = native.moe_matmul(xc, ids32, up_raw, qts[1], inter, H, per_slot=False)
     if g is None or u is None:
         return None
-    h = torch.nn.functional.silu(g).mul_(u)
+    h = native.act_mul("silu", g, u)  # the decode plans' code, so both give the same bits
     y = native.moe_matmul(h, ids32, down_raw, qts[2], H, inter, per_slot=True)
-    if y is None:
+    if h is None or y is None:
         return None
-    return torch.bmm(weights.float().view(T, 1, -1), y.view(T, -1, H)).view(T, H)
+    return native.moe_combine(weights.float(), y.view(T, -1, H))
 
 
 @moe_ffn.register_fake
