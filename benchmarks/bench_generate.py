@@ -16,6 +16,14 @@ Models:
                1,024 rows and its experts repeat the first 4 (same sizes and compute; K-quant search
                on 1.2 B random weights would take hours).
 transformers dequantizes the file to float32 at load (its only GGUF path without a GPU kernel).
+
+With `--llama-bench PATH` (a llama.cpp build's llama-bench), llama.cpp runs on the same file with the
+same thread count, prompt length and decode length, and the table adds ferrum/llama.cpp ratios.
+`--rounds N` alternates the implementations N times and reports each one's median (a shared machine's
+load moves both alike). Example, the issue's figures:
+
+    python benchmarks/bench_generate.py --models gemma --impls ferrum --llama-bench .../llama-bench \
+        --threads 2 --prompt 64 --decode 32 --rounds 3
 """
 
 from __future__ import annotations
@@ -23,12 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
 
 MODELS = ("gemma", "qwen3moe-a3b")
-IMPLS = ("ferrum", "ferrum-float", "transformers")  # ferrum-float: native CPU kernels off (exact float path)
+IMPLS = ("ferrum", "ferrum-float", "transformers", "llama.cpp")  # ferrum-float: native CPU kernels off (exact float path)
 
 
 def _rss() -> int:
@@ -116,6 +125,27 @@ def worker(name: str, impl: str, device: str, prompt_len: int, decode: int, thre
             "decode_tps": decode / decode_s, "tokens": out[0, prompt_len:].tolist()}
 
 
+def llama_bench(binary: str, name: str, path, prompt: int, decode: int, threads: int) -> dict:
+    """llama.cpp's own benchmark on the same file: prompt processing of `prompt` tokens and generation of
+    `decode` tokens, 3 repetitions each (llama-bench's averages)."""
+    cmd = [binary, "-m", str(path), "-p", str(prompt), "-n", str(decode), "-t", str(threads), "-r", "3", "-o", "json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    tests = json.loads(r.stdout)
+    pp = next(t["avg_ts"] for t in tests if t["n_prompt"] == prompt and t["n_gen"] == 0)
+    tg = next(t["avg_ts"] for t in tests if t["n_gen"] == decode and t["n_prompt"] == 0)
+    nan = float("nan")
+    return {"model": name, "impl": "llama.cpp", "device": "cpu", "file_mb": path.stat().st_size / 2**20, "load_s": nan,
+            "rss_mb": nan, "rss_gen_mb": nan, "prefill_tps": pp, "decode_tps": tg, "tokens": None}
+
+
+def _median(rows: list[dict]) -> dict:
+    """The run with the median decode speed, its prefill speed replaced by the median prefill speed."""
+    by_decode = sorted(rows, key=lambda r: r["decode_tps"])
+    out = dict(by_decode[len(rows) // 2])
+    out["prefill_tps"] = sorted(r["prefill_tps"] for r in rows)[len(rows) // 2]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
@@ -126,6 +156,8 @@ def main() -> None:
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=["ferrum", "transformers"])
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--moe-gguf", help="use this already written qwen3moe-a3b file instead of the cached one")
+    p.add_argument("--llama-bench", help="a llama.cpp llama-bench binary: adds llama.cpp on the same files (CPU)")
+    p.add_argument("--rounds", type=int, default=1, help="alternate the implementations this many times; report medians")
     p.add_argument("--worker", nargs=3, metavar=("MODEL", "IMPL", "DEVICE"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -134,20 +166,29 @@ def main() -> None:
     import torch
 
     devices = a.devices or (["cpu"] + (["mps"] if torch.backends.mps.is_available() else []))
-    rows = []
+    threads = a.threads or torch.get_num_threads()
+    runs: dict[tuple, list[dict]] = {}
     for name in a.models:
-        _model_path(name, a.moe_gguf)  # write / assemble the file once, before any timing
-        for device in devices:
-            for impl in a.impls:
-                cmd = [sys.executable, __file__, "--worker", name, impl, device, "--prompt", str(a.prompt),
-                       "--decode", str(a.decode)] + (["--threads", str(a.threads)] if a.threads else [])
-                cmd += ["--moe-gguf", a.moe_gguf] if a.moe_gguf else []
-                r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-                if r.returncode != 0:
-                    print(f"{name} {impl} {device}: FAILED\n{r.stderr[-2000:]}", file=sys.stderr)
-                    continue
-                rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-                print(f"  done {name} {impl} {device}", file=sys.stderr, flush=True)
+        path, _ = _model_path(name, a.moe_gguf)  # write / assemble the file once, before any timing
+        for _ in range(a.rounds):
+            for device in devices:
+                for impl in [i for i in a.impls if i != "llama.cpp"] + (["llama.cpp"] if a.llama_bench and device == "cpu" else []):
+                    if impl == "llama.cpp":
+                        row = llama_bench(a.llama_bench, name, path, a.prompt, a.decode, threads)
+                    else:
+                        cmd = [sys.executable, __file__, "--worker", name, impl, device, "--prompt", str(a.prompt),
+                               "--decode", str(a.decode), "--threads", str(threads)]
+                        cmd += ["--moe-gguf", a.moe_gguf] if a.moe_gguf else []
+                        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                        if r.returncode != 0:
+                            print(f"{name} {impl} {device}: FAILED\n{r.stderr[-2000:]}", file=sys.stderr)
+                            continue
+                        row = json.loads(r.stdout.strip().splitlines()[-1])
+                    runs.setdefault((name, device, impl), []).append(row)
+                    print(f"  {name} {impl} {device}: prefill {row['prefill_tps']:.1f} tok/s, decode {row['decode_tps']:.2f} tok/s",
+                          file=sys.stderr, flush=True)
+    rows = [_median(rs) for rs in runs.values()]
+    print(f"\n{threads} threads, {a.rounds} round(s), medians; machine: {platform.machine()}, {os.cpu_count()} CPUs")
     _table(rows, a.prompt, a.decode)
     if a.json:
         with open(a.json, "w") as f:
@@ -173,6 +214,10 @@ def _table(rows: list[dict], prompt: int, decode: int) -> None:
                   f"{f['rss_mb'] / max(t['rss_mb'], 1):>9.2f}x{f['rss_gen_mb'] / max(t['rss_gen_mb'], 1):>9.2f}x"
                   f"{f['prefill_tps'] / t['prefill_tps']:>14.2f}x"
                   f"{f['decode_tps'] / t['decode_tps']:>13.2f}x   same greedy tokens: {same}")
+        ll = by.get((model, device, "llama.cpp"))
+        if f and ll:
+            print(f"{'':<14}{device:<7}{'ferrum/llama':<14}{'':>38}{f['prefill_tps'] / ll['prefill_tps']:>14.2f}x"
+                  f"{f['decode_tps'] / ll['decode_tps']:>13.2f}x")
 
 
 if __name__ == "__main__":

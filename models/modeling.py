@@ -7,6 +7,7 @@ experts). generate() runs on a StaticCache by default (preallocated, written in 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -168,6 +169,22 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         cache=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        with self._threads():
+            return self._forward(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                                 logits_to_keep, cache_position, cache)
+
+    def _threads(self):
+        """native.owning_threads() for CPU forwards and generate() (not while compiling)."""
+        if self.norm.weight.device.type != "cpu" or torch.compiler.is_compiling():
+            return contextlib.nullcontext()
+        return native.owning_threads()
+
+    def generate(self, *args, **kwargs):
+        with self._threads():  # the sampling between tokens too: its torch ops would leave OpenMP spinning
+            return super().generate(*args, **kwargs)
+
+    def _forward(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                 logits_to_keep, cache_position, cache) -> CausalLMOutputWithPast:
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("pass the cache once, as `cache` or `past_key_values` (the same object under both names is fine)")
         cache = cache if cache is not None else past_key_values
@@ -246,6 +263,10 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache if use_cache else None})
 
     # ------------------------------------------------------------ CPU decode as one native plan
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: the plan's pointers would go stale
+        self._native_plan = None
+        return super()._apply(fn, *args, **kwargs)
 
     def _use_native_plan(self, cache, input_ids, inputs_embeds, logits_to_keep) -> bool:
         return (self.native_decode and not torch.compiler.is_compiling() and isinstance(cache, StaticCache)
