@@ -112,6 +112,10 @@ def worker(name: str, impl: str, device: str, prompt_len: int, decode: int, thre
     ids = torch.randint(3, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     clock = _Clock()
     with torch.inference_mode():
+        # One untimed short generate first, as llama-bench's warmup run: the first touch of mmap'ed
+        # weights (page faults over the whole file, ~0.2 s for 1.1 GB) is load cost, not prefill.
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, eos_token_id=None,
+                       do_sample=False, pad_token_id=0)
         # eos_token_id=None: a fixed number of tokens, as llama-bench. min_new_tokens did the same through
         # a logits processor that builds a vocabulary-sized mask every step (arange + isin + where over
         # Gemma's 262,144 ids): ~4 ms of a ~24 ms CPU token, measured with torch.profiler.

@@ -171,9 +171,10 @@ def test_launch_path_with_sandwich_norms_equals_cpu_ops(model, metal_device):
 
 @pytest.mark.native
 def test_native_cpu_kernels_keep_greedy_continuation(model, ref, prompt_ids):
-    # The native kernels quantize activations to int8 per 32 values (as llama.cpp): logits move
-    # by up to 0.72 here (measured; max |logit| ~30); teacher-forced, 22 of the 24 greedy tokens stay
-    # the same and the other two are near-ties of the reference.
+    # The native kernels quantize activations to int8 (as llama.cpp: per 32 values for the 32-value
+    # formats, per 256 for the K-quants): logits move by up to 1.10 here (measured; max |logit| ~30);
+    # teacher-forced, 22 of the 24 greedy tokens stay the same and the other two are near-ties of the
+    # reference (top-2 margins 0.26 and 0.012).
     assert native.available(), native.status()["why"]
     n, T = 24, prompt_ids.shape[1]
     with torch.no_grad():
@@ -181,11 +182,10 @@ def test_native_cpu_kernels_keep_greedy_continuation(model, ref, prompt_ids):
         ref_logits = ref(theirs).logits[:, T - 1 : T - 1 + n]
         ours = model(theirs, logits_to_keep=n + 1).logits[:, :n]
     err = (ours - ref_logits).abs().max().item()
-    assert err < 1.0, err
+    assert err < 1.5, err
     top2 = ref_logits[0].topk(2, -1).values
     margin = (top2[:, 0] - top2[:, 1]).tolist()
     mismatch = [i for i, (a, b) in enumerate(zip(ours[0].argmax(-1).tolist(), theirs[0, T:].tolist())) if a != b]
-    # A divergence is only allowed at a near-tie of the reference: a top-2 margin under a quarter of the
-    # logit error (measured: 2 of 24 positions, margins 0.014 and 0.093 against an error of 0.72).
-    assert all(margin[i] < err / 4 for i in mismatch), (mismatch, margin, err)
+    # A divergence is only allowed at a near-tie of the reference: a top-2 margin under half the logit error.
+    assert all(margin[i] < err / 2 for i in mismatch), (mismatch, margin, err)
     assert len(mismatch) <= 2, mismatch

@@ -338,30 +338,117 @@ static UnpackFn unpack_of(int t) {
 
 // ---------------------------------------------------------------------------- activations
 
-// One activation row quantized: int8 codes, a scale per 32 values, d * (sum of codes) per 16.
+// One activation row quantized twice (each costs little next to the products it feeds):
+//  - per 32 values, int8 codes with a float scale and d * (sum of codes) per 16: for the 32-value
+//    block formats (Q4_0 ... Q8_0);
+//  - per 256 values, int8 codes with one float scale and int16 sums of codes per 16 (llama.cpp's
+//    Q8_K): for the K-quants, whose integer sub-block scales then multiply exact integer dot
+//    products, one float step per 256 values (see "K-quants" below).
 struct QRow {
     int8_t* q;
     float* d32;
     float* s16;
+    int8_t* kq;
+    float* kd;
+    int16_t* kbs;
 };
 
-static void quantize_row(const float* x, int64_t k, QRow o) {
-    for (int64_t b = 0; b < k / 32; b++) {
-        const float* xb = x + 32 * b;
-        float amax = 0.f;
-        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-        int s0 = 0, s1 = 0;
-        for (int j = 0; j < 32; j++) {
-            const int v = (int)lrintf(xb[j] * id);
-            o.q[32 * b + j] = (int8_t)v;
-            (j < 16 ? s0 : s1) += v;
+// Buffers for `rows` quantized rows of k values (k % 32 == 0; the K layout needs k % 256 == 0).
+struct Acts {
+    int8_t *q = nullptr, *kq = nullptr;
+    float *d32 = nullptr, *s16 = nullptr, *kd = nullptr;
+    int16_t* kbs = nullptr;
+    int64_t k = 0;
+};
+
+static QRow acts_row(const Acts& A, int64_t i) {
+    const int64_t k = A.k;
+    return QRow{A.q + i * k, A.d32 + i * (k / 32), A.s16 + i * (k / 16), A.kq + i * k, A.kd + i * (k / 256),
+                A.kbs + i * (k / 16)};
+}
+
+static void acts_free(Acts* A) {
+    free(A->q); free(A->kq); free(A->d32); free(A->s16); free(A->kd); free(A->kbs);
+    *A = Acts{};
+}
+
+static bool acts_alloc(Acts* A, int64_t rows, int64_t k) {
+    acts_free(A);
+    A->k = k;
+    A->q = (int8_t*)malloc(rows * k + 64);
+    A->kq = (int8_t*)malloc(rows * k + 64);
+    A->d32 = (float*)malloc(sizeof(float) * (rows * (k / 32) + 1));
+    A->s16 = (float*)malloc(sizeof(float) * (rows * (k / 16) + 1));
+    A->kd = (float*)malloc(sizeof(float) * (rows * (k / 256) + 1));
+    A->kbs = (int16_t*)malloc(sizeof(int16_t) * (rows * (k / 16) + 1));
+    if (A->q && A->kq && A->d32 && A->s16 && A->kd && A->kbs) return true;
+    acts_free(A);
+    return false;
+}
+
+// Codes of n values (n % 8 == 0) scaled by id, rounded to nearest even (lrintf and cvtps agree), and the
+// sums of each 16; amax of n values. The AVX2 and the portable code give the same bits.
+static float amax_of(const float* x, int64_t n) {
+    float m = 0.f;
+    int64_t j = 0;
+#if defined(__AVX2__)
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 v = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) v = _mm256_max_ps(v, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    m = _mm_cvtss_f32(h);
+#endif
+    for (; j < n; j++) m = fmaxf(m, fabsf(x[j]));
+    return m;
+}
+
+static void codes_of(const float* x, int64_t n, float id, int8_t* q, int32_t* sums16) {
+    int64_t j = 0;
+#if defined(__AVX2__)
+    const __m256 vid = _mm256_set1_ps(id);
+    for (; j + 16 <= n; j += 16) {
+        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j), vid));
+        const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8), vid));
+        __m256i s = _mm256_add_epi32(a, b);
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        t = _mm_hadd_epi32(t, t);
+        t = _mm_hadd_epi32(t, t);
+        sums16[j / 16] = _mm_cvtsi128_si32(t);
+        const __m256i p16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8);  // 16 int16 in order
+        const __m128i p8 = _mm_packs_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1));
+        _mm_storeu_si128((__m128i*)(q + j), p8);
+    }
+#endif
+    for (; j < n; j += 16) {
+        int32_t s = 0;
+        for (int i = 0; i < 16; i++) {
+            const int v = (int)lrintf(x[j + i] * id);
+            q[j + i] = (int8_t)v;
+            s += v;
         }
+        sums16[j / 16] = s;
+    }
+}
+
+static void quantize_row(const float* x, int64_t k, QRow o) {
+    int32_t sums[16];
+    for (int64_t b = 0; b < k / 32; b++) {
+        const float d = amax_of(x + 32 * b, 32) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        codes_of(x + 32 * b, 32, id, o.q + 32 * b, sums);
         // Sums of the quantized values (not of x), as llama.cpp's Q8_1/Q8_K: the offset term
         // then cancels exactly against the code term; with exact sums Q5_1's error is 3x larger.
         o.d32[b] = d;
-        o.s16[2 * b] = d * (float)s0;
-        o.s16[2 * b + 1] = d * (float)s1;
+        o.s16[2 * b] = d * (float)sums[0];
+        o.s16[2 * b + 1] = d * (float)sums[1];
+    }
+    if (k % 256) return;
+    for (int64_t b = 0; b < k / 256; b++) {
+        const float d = amax_of(x + 256 * b, 256) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        codes_of(x + 256 * b, 256, id, o.kq + 256 * b, sums);
+        o.kd[b] = d;
+        for (int g = 0; g < 16; g++) o.kbs[16 * b + g] = (int16_t)sums[g];
     }
 }
 
@@ -525,34 +612,253 @@ static float fused_q5_0(const uint8_t* r, const QRow& a, int64_t k, float*) {
     return hsum8(acc);
 }
 
-// m16: k/16 floats of scratch (the mins, for dot_min over the whole row as the unpacked path does).
-static float fused_q4_k(const uint8_t* r, const QRow& a, int64_t k, float* m16) {
-    __m256 acc = _mm256_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(15);
-    float d16[16];
-    for (int64_t sb = 0; sb < k / 256; sb++, r += 144) {
-        k4_scales(r + 4, h2f(r), h2f(r + 2), d16, m16 + 16 * sb);
+#endif
+
+
+// ---------------------------------------------------------------------------- K-quants
+//
+// A K-quant row as unsigned codes u (0..63) with, per 16 values, an integer scale sc and min mn, and
+// per 256 values float d and dm: value = d * sc * u - dm * mn. (Q6_K: u = q + 32, mn = 32 sc, dm = d;
+// Q3_K: u = q + 4, mn = 4 sc, dm = d.) Against Q8_K activations (a = kd * kq) a block of 256 is
+//     (d * kd) * isum - (dm * kd) * imin,   isum = sum sc * (u . kq)_16,   imin = sum mn * kbs_16
+// with both sums exact int32, so every path (fused from the raw blocks for one activation row,
+// unpacked once per weight row for more, AVX2 or portable) gives the same bits. This is llama.cpp's
+// scheme; against per-32 float scales (the previous kernels here) it halves the work per 32 values
+// (one maddubs and one madd into an int32 accumulator instead of two signs, maddubs, madd, a
+// conversion and two float multiplies).
+
+struct KRow {
+    uint8_t* u;
+    int16_t* sc;
+    int16_t* mn;
+    float* d;
+    float* dm;
+};
+
+static inline float k_block(float d, float dm, float kd, int32_t isum, int32_t imin) {
+    return (d * kd) * (float)isum - (dm * kd) * (float)imin;
+}
+
+static inline int32_t k_min(const int16_t* mn, const int16_t* bs) {
+    int32_t s = 0;
+    for (int g = 0; g < 16; g++) s += (int32_t)mn[g] * (int32_t)bs[g];
+    return s;
+}
+
+static void kunpack_q2_k(const uint8_t* r, int64_t nb, KRow o) {
+    for (int64_t b = 0; b < nb; b++, r += 84) {
         const uint8_t* qs = r + 16;
-        const int8_t* aq = a.q + 256 * sb;
-        const float* ad = a.d32 + 8 * sb;
-        for (int j = 0; j < 4; j++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
-            const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            acc = fma_block(dot32_u(lo, aq + 64 * j), d16[4 * j], d16[4 * j + 1], ad[2 * j], acc);
-            acc = fma_block(dot32_u(hi, aq + 64 * j + 32), d16[4 * j + 2], d16[4 * j + 3], ad[2 * j + 1], acc);
+        o.d[b] = h2f(r + 80);
+        o.dm[b] = h2f(r + 82);
+        for (int g = 0; g < 16; g++) {
+            o.sc[16 * b + g] = r[g] & 15;
+            o.mn[16 * b + g] = r[g] >> 4;
+        }
+        uint8_t* u = o.u + 256 * b;
+        for (int n = 0; n < 2; n++)
+            for (int j = 0; j < 4; j++)
+                for (int l = 0; l < 32; l++) u[128 * n + 32 * j + l] = (qs[32 * n + l] >> (2 * j)) & 3;
+    }
+}
+
+static void kunpack_q3_k(const uint8_t* r, int64_t nb, KRow o) {
+    for (int64_t b = 0; b < nb; b++, r += 110) {
+        const uint8_t* hm = r;
+        const uint8_t* qs = r + 32;
+        uint32_t aux[4];
+        memcpy(aux, r + 96, 12);
+        const uint32_t k1 = 0x03030303, k2 = 0x0f0f0f0f, tmp = aux[2];
+        aux[2] = ((aux[0] >> 4) & k2) | (((tmp >> 4) & k1) << 4);
+        aux[3] = ((aux[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4);
+        aux[0] = (aux[0] & k2) | (((tmp >> 0) & k1) << 4);
+        aux[1] = (aux[1] & k2) | (((tmp >> 2) & k1) << 4);
+        int8_t sc[16];
+        memcpy(sc, aux, 16);
+        o.d[b] = o.dm[b] = h2f(r + 108);
+        for (int g = 0; g < 16; g++) {
+            o.sc[16 * b + g] = (int16_t)(sc[g] - 32);
+            o.mn[16 * b + g] = (int16_t)(4 * (sc[g] - 32));
+        }
+        uint8_t* u = o.u + 256 * b;
+        for (int n = 0; n < 2; n++)
+            for (int j = 0; j < 4; j++)
+                for (int l = 0; l < 32; l++)
+                    u[128 * n + 32 * j + l] = ((qs[32 * n + l] >> (2 * j)) & 3) | (((hm[l] >> (4 * n + j)) & 1) << 2);
+    }
+}
+
+static inline void k4_int_scales(const uint8_t* s, int64_t b, KRow o) {
+    for (int j = 0; j < 8; j++) {
+        int sc, m;
+        k4_scale_min(j, s, &sc, &m);
+        o.sc[16 * b + 2 * j] = o.sc[16 * b + 2 * j + 1] = (int16_t)sc;
+        o.mn[16 * b + 2 * j] = o.mn[16 * b + 2 * j + 1] = (int16_t)m;
+    }
+}
+
+static void kunpack_q4_k(const uint8_t* r, int64_t nb, KRow o) {
+    for (int64_t b = 0; b < nb; b++, r += 144) {
+        o.d[b] = h2f(r);
+        o.dm[b] = h2f(r + 2);
+        k4_int_scales(r + 4, b, o);
+        const uint8_t* qs = r + 16;
+        uint8_t* u = o.u + 256 * b;
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 32; l++) {
+                u[64 * j + l] = qs[32 * j + l] & 15;
+                u[64 * j + 32 + l] = qs[32 * j + l] >> 4;
+            }
+    }
+}
+
+static void kunpack_q5_k(const uint8_t* r, int64_t nb, KRow o) {
+    for (int64_t b = 0; b < nb; b++, r += 176) {
+        o.d[b] = h2f(r);
+        o.dm[b] = h2f(r + 2);
+        k4_int_scales(r + 4, b, o);
+        const uint8_t* qh = r + 16;
+        const uint8_t* qs = r + 48;
+        uint8_t* u = o.u + 256 * b;
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 32; l++) {
+                u[64 * j + l] = (qs[32 * j + l] & 15) | (((qh[l] >> (2 * j)) & 1) << 4);
+                u[64 * j + 32 + l] = (qs[32 * j + l] >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4);
+            }
+    }
+}
+
+static void kunpack_q6_k(const uint8_t* r, int64_t nb, KRow o) {
+    for (int64_t b = 0; b < nb; b++, r += 210) {
+        const uint8_t* ql = r;
+        const uint8_t* qh = r + 128;
+        const int8_t* sc = (const int8_t*)(r + 192);
+        o.d[b] = o.dm[b] = h2f(r + 208);
+        for (int g = 0; g < 16; g++) {
+            o.sc[16 * b + g] = sc[g];
+            o.mn[16 * b + g] = (int16_t)(32 * sc[g]);
+        }
+        for (int n = 0; n < 2; n++) {
+            const uint8_t* L = ql + 64 * n;
+            const uint8_t* H = qh + 32 * n;
+            uint8_t* u = o.u + 256 * b + 128 * n;
+            for (int l = 0; l < 32; l++) {
+                u[l] = (L[l] & 15) | (((H[l] >> 0) & 3) << 4);
+                u[l + 32] = (L[l + 32] & 15) | (((H[l] >> 2) & 3) << 4);
+                u[l + 64] = (L[l] >> 4) | (((H[l] >> 4) & 3) << 4);
+                u[l + 96] = (L[l + 32] >> 4) | (((H[l] >> 6) & 3) << 4);
+            }
         }
     }
-    return hsum8(acc) + dot_min(m16, a.s16, k / 16);
+}
+
+typedef void (*KUnpackFn)(const uint8_t*, int64_t, KRow);
+
+static KUnpackFn kunpack_of(int t) {
+    switch (t) {
+        case T_Q2_K: return kunpack_q2_k;
+        case T_Q3_K: return kunpack_q3_k;
+        case T_Q4_K: return kunpack_q4_k;
+        case T_Q5_K: return kunpack_q5_k;
+        case T_Q6_K: return kunpack_q6_k;
+        default: return nullptr;
+    }
+}
+
+#if defined(__AVX2__)
+static inline int32_t hsum_i32(__m256i v) {
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+    return _mm_cvtsi128_si32(t);
+}
+
+// Two 16-value groups' scales: int16 lanes 0-7 (values 0-15 of maddubs' pairs) lo, 8-15 hi.
+static inline __m256i scale2(int lo, int hi) {
+    return _mm256_set_m128i(_mm_set1_epi16((short)hi), _mm_set1_epi16((short)lo));
+}
+
+// sum sc * (u . a) over 32 values: |u . a| per pair <= 2 * 63 * 127 fits maddubs' int16.
+static inline __m256i k_madd(__m256i u, const int8_t* a, __m256i sc2) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i*)a)), sc2);
+}
+#endif
+
+// An unpacked K row against one activation row.
+static float kdot(const KRow& w, const QRow& a, int64_t nb) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* u = w.u + 256 * b;
+        const int8_t* q = a.kq + 256 * b;
+        const int16_t* sc = w.sc + 16 * b;
+        int32_t isum = 0;
+#if defined(__AVX2__)
+        __m256i s = _mm256_setzero_si256();
+        for (int i = 0; i < 8; i++)
+            s = _mm256_add_epi32(s, k_madd(_mm256_loadu_si256((const __m256i*)(u + 32 * i)), q + 32 * i,
+                                           scale2(sc[2 * i], sc[2 * i + 1])));
+        isum = hsum_i32(s);
+#else
+        for (int g = 0; g < 16; g++) {
+            int32_t d = 0;
+            for (int l = 0; l < 16; l++) d += (int32_t)u[16 * g + l] * (int32_t)q[16 * g + l];
+            isum += sc[g] * d;
+        }
+#endif
+        acc += k_block(w.d[b], w.dm[b], a.kd[b], isum, k_min(w.mn + 16 * b, a.kbs + 16 * b));
+    }
+    return acc;
+}
+
+#if defined(__AVX2__)
+// Four activation rows against one unpacked K row: each weight vector loaded once for four products.
+static void kdot4(const KRow& w, const QRow* a, int64_t nb, float* out) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        const int16_t* sc = w.sc + 16 * b;
+        for (int i = 0; i < 8; i++) {
+            const __m256i u = _mm256_loadu_si256((const __m256i*)(w.u + 256 * b + 32 * i));
+            const __m256i sc2 = scale2(sc[2 * i], sc[2 * i + 1]);
+            for (int r = 0; r < 4; r++) s[r] = _mm256_add_epi32(s[r], k_madd(u, a[r].kq + 256 * b + 32 * i, sc2));
+        }
+        for (int r = 0; r < 4; r++)
+            acc[r] += k_block(w.d[b], w.dm[b], a[r].kd[b], hsum_i32(s[r]), k_min(w.mn + 16 * b, a[r].kbs + 16 * b));
+    }
+    for (int r = 0; r < 4; r++) out[r] = acc[r];
+}
+
+// Fused one-row kernels straight from the GGML blocks (decode): the same integer sums and float
+// steps as kunpack + kdot.
+static float fused_q4_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
+    float acc = 0.f;
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int64_t b = 0; b < k / 256; b++, r += 144) {
+        int sc[8], mn[8];
+        for (int j = 0; j < 8; j++) k4_scale_min(j, r + 4, &sc[j], &mn[j]);
+        const uint8_t* qs = r + 16;
+        const int8_t* q = a.kq + 256 * b;
+        __m256i s = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
+            s = _mm256_add_epi32(s, k_madd(_mm256_and_si256(v, m4), q + 64 * j, _mm256_set1_epi16((short)sc[2 * j])));
+            s = _mm256_add_epi32(s, k_madd(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), q + 64 * j + 32,
+                                           _mm256_set1_epi16((short)sc[2 * j + 1])));
+        }
+        const int16_t* bs = a.kbs + 16 * b;
+        int32_t imin = 0;
+        for (int j = 0; j < 8; j++) imin += mn[j] * ((int32_t)bs[2 * j] + (int32_t)bs[2 * j + 1]);
+        acc += k_block(h2f(r), h2f(r + 2), a.kd[b], hsum_i32(s), imin);
+    }
+    return acc;
 }
 
 static float fused_q6_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
-    __m256 acc = _mm256_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3), c32 = _mm256_set1_epi8(32);
-    for (int64_t sb = 0; sb < k / 256; sb++, r += 210) {
+    float acc = 0.f;
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+    for (int64_t b = 0; b < k / 256; b++, r += 210) {
         const int8_t* sc = (const int8_t*)(r + 192);
-        const float d = h2f(r + 208);
-        const int8_t* aq = a.q + 256 * sb;
-        const float* ad = a.d32 + 8 * sb;
+        const int8_t* q = a.kq + 256 * b;
+        __m256i s = _mm256_setzero_si256();
         for (int n = 0; n < 2; n++) {
             const __m256i L0 = _mm256_loadu_si256((const __m256i*)(r + 64 * n));
             const __m256i L1 = _mm256_loadu_si256((const __m256i*)(r + 64 * n + 32));
@@ -566,16 +872,19 @@ static float fused_q6_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
             c[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L1, 4), m4),
                                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(H, 6), m3), 4));
             for (int i = 0; i < 4; i++) {
-                const int g = 8 * n + 2 * i;  // 16-value group of this block's first half
-                acc = fma_block(dot32_reg(_mm256_sub_epi8(c[i], c32), aq + 128 * n + 32 * i), d * (float)sc[g],
-                                d * (float)sc[g + 1], ad[4 * n + i], acc);
+                const int g = 8 * n + 2 * i;
+                s = _mm256_add_epi32(s, k_madd(c[i], q + 128 * n + 32 * i, scale2(sc[g], sc[g + 1])));
             }
         }
+        const int16_t* bs = a.kbs + 16 * b;
+        int32_t imin = 0;
+        for (int g = 0; g < 16; g++) imin += 32 * sc[g] * (int32_t)bs[g];
+        const float d = h2f(r + 208);
+        acc += k_block(d, d, a.kd[b], hsum_i32(s), imin);
     }
-    return hsum8(acc);
+    return acc;
 }
 #endif
-
 
 // ---------------------------------------------------------------------------- thread pool
 //
@@ -718,9 +1027,7 @@ struct Job {
     Format fmt;
     UnpackFn unpack;
     int64_t n, k, row_bytes;
-    const int8_t* aq;   // quantized activations [xrows, k]
-    const float* ad32;  // [xrows, k/32]
-    const float* as16;  // [xrows, k/16]
+    const Acts* acts;   // quantized activation rows
     float* out;         // [npairs, n]
     // tasks: (expert weight base, r0, r1, first index into pair list, count)
     const uint8_t** tw;
@@ -733,23 +1040,30 @@ struct Job {
 };
 
 struct Scratch {
-    int8_t* q = nullptr;
+    int8_t* q = nullptr;  // 32-value formats: codes, float scale and offset per 16
     float* d16 = nullptr;
     float* m16 = nullptr;
+    uint8_t* u = nullptr;  // K-quants: a KRow
+    int16_t *sc = nullptr, *mn = nullptr;
+    float *d = nullptr, *dm = nullptr;
     int64_t cap = 0;
+    KRow krow() const { return KRow{u, sc, mn, d, dm}; }
 };
 static __thread Scratch t_scratch;
 
 static bool scratch_reserve(int64_t k) {
     Scratch& s = t_scratch;
     if (s.cap >= k) return true;
-    free(s.q);
-    free(s.d16);
-    free(s.m16);
+    free(s.q); free(s.d16); free(s.m16); free(s.u); free(s.sc); free(s.mn); free(s.d); free(s.dm);
     s.q = (int8_t*)malloc(k + 64);
     s.d16 = (float*)malloc(sizeof(float) * (k / 16 + 4));
     s.m16 = (float*)calloc(k / 16 + 4, sizeof(float));
-    if (!s.q || !s.d16 || !s.m16) {
+    s.u = (uint8_t*)malloc(k + 64);
+    s.sc = (int16_t*)malloc(sizeof(int16_t) * (k / 16 + 4));
+    s.mn = (int16_t*)malloc(sizeof(int16_t) * (k / 16 + 4));
+    s.d = (float*)malloc(sizeof(float) * (k / 256 + 4));
+    s.dm = (float*)malloc(sizeof(float) * (k / 256 + 4));
+    if (!s.q || !s.d16 || !s.m16 || !s.u || !s.sc || !s.mn || !s.d || !s.dm) {
         s.cap = 0;
         return false;
     }
@@ -762,6 +1076,7 @@ struct MatRef {
     int qtype;
     Format fmt;
     UnpackFn unpack;
+    KUnpackFn kunpack;  // K-quants (the integer-scale path), else null
     const uint8_t* w;
     int64_t n, k, row_bytes;
 };
@@ -769,7 +1084,7 @@ struct MatRef {
 static bool mat_ref(int qtype, const uint8_t* w, int64_t n, int64_t k, MatRef* m) {
     Format f;
     if (!format_of(qtype, &f) || k % f.block || k % 32) return false;
-    *m = MatRef{qtype, f, unpack_of(qtype), w, n, k, k / f.block * f.bytes};
+    *m = MatRef{qtype, f, unpack_of(qtype), kunpack_of(qtype), w, n, k, k / f.block * f.bytes};
     return true;
 }
 
@@ -800,6 +1115,13 @@ __attribute__((noinline)) static void dot_rows_1(const MatRef& M, int64_t r0, in
         default: break;
     }
 #endif
+    if (M.kunpack) {
+        for (int64_t r = r0; r < r1; r++) {
+            M.kunpack(M.w + r * M.row_bytes, k / 256, s.krow());
+            out[r] = kdot(s.krow(), a, k / 256);
+        }
+        return;
+    }
     for (int64_t r = r0; r < r1; r++) {
         M.unpack(M.w + r * M.row_bytes, k / M.fmt.block, s.q, s.d16, s.m16);
         float v = dot_unpacked(s.q, s.d16, a, nb32);
@@ -813,38 +1135,44 @@ static void job_task(void* ctx, int64_t t) {
     const int64_t k = J->k, nb32 = k / 32, n16 = k / 16, nb = k / J->fmt.block;
     const uint8_t* w = J->tw[t];
     const int64_t p0 = J->tp0[t], pn = J->tpn[t];
+    const MatRef M{J->qtype, J->fmt, J->unpack, kunpack_of(J->qtype), w, J->n, k, J->row_bytes};
     if (pn == 1) {  // one activation row: in place
-        const int64_t xr = J->xrow[p0];
-        const QRow a = {(int8_t*)J->aq + xr * k, (float*)J->ad32 + xr * nb32, (float*)J->as16 + xr * n16};
-        const MatRef M{J->qtype, J->fmt, J->unpack, w, J->n, k, J->row_bytes};
-        dot_rows_1(M, J->tr0[t], J->tr1[t], a, J->out + J->pairs[p0] * J->n);
+        dot_rows_1(M, J->tr0[t], J->tr1[t], acts_row(*J->acts, J->xrow[p0]), J->out + J->pairs[p0] * J->n);
         return;
     }
     if (J->qtype == T_Q8_0 && pn < 4) {  // in place; from 4 rows on, the blocked path below wins
         for (int64_t r = J->tr0[t]; r < J->tr1[t]; r++) {
             const uint8_t* row = w + r * J->row_bytes;
-            for (int64_t i = p0; i < p0 + pn; i++) {
-                const int64_t xr = J->xrow[i];
-                const QRow a = {(int8_t*)J->aq + xr * k, (float*)J->ad32 + xr * nb32, (float*)J->as16 + xr * n16};
-                J->out[J->pairs[i] * J->n + r] = dot_q8_0(row, a, nb32);
-            }
+            for (int64_t i = p0; i < p0 + pn; i++)
+                J->out[J->pairs[i] * J->n + r] = dot_q8_0(row, acts_row(*J->acts, J->xrow[i]), nb32);
         }
         return;
     }
-    // Two or three activation rows: unpacking once and reusing the row measured faster than
+    // Two or more activation rows: unpacking the weight row once and reusing it measured faster than
     // in-place dots (the Q5_0 codes cost as much as the dot product).
     if (!scratch_reserve(k)) abort();
     Scratch& s = t_scratch;
     for (int64_t r = J->tr0[t]; r < J->tr1[t]; r++) {
-        J->unpack(w + r * J->row_bytes, nb, s.q, s.d16, s.m16);
         int64_t i = p0;
+        if (M.kunpack) {
+            M.kunpack(w + r * J->row_bytes, k / 256, s.krow());
+#if defined(__AVX2__)
+            for (; i + 4 <= p0 + pn; i += 4) {
+                QRow a[4];
+                for (int j = 0; j < 4; j++) a[j] = acts_row(*J->acts, J->xrow[i + j]);
+                float v[4];
+                kdot4(s.krow(), a, k / 256, v);
+                for (int j = 0; j < 4; j++) J->out[J->pairs[i + j] * J->n + r] = v[j];
+            }
+#endif
+            for (; i < p0 + pn; i++) J->out[J->pairs[i] * J->n + r] = kdot(s.krow(), acts_row(*J->acts, J->xrow[i]), k / 256);
+            continue;
+        }
+        J->unpack(w + r * J->row_bytes, nb, s.q, s.d16, s.m16);
 #if defined(__AVX2__)
         for (; i + 4 <= p0 + pn; i += 4) {
             QRow a[4];
-            for (int j = 0; j < 4; j++) {
-                const int64_t xr = J->xrow[i + j];
-                a[j] = QRow{(int8_t*)J->aq + xr * k, (float*)J->ad32 + xr * nb32, (float*)J->as16 + xr * n16};
-            }
+            for (int j = 0; j < 4; j++) a[j] = acts_row(*J->acts, J->xrow[i + j]);
             float v[4];
             dot_unpacked4(s.q, s.d16, a, nb32, v);
             for (int j = 0; j < 4; j++) {
@@ -854,8 +1182,7 @@ static void job_task(void* ctx, int64_t t) {
         }
 #endif
         for (; i < p0 + pn; i++) {
-            const int64_t xr = J->xrow[i];
-            const QRow a = {(int8_t*)J->aq + xr * k, (float*)J->ad32 + xr * nb32, (float*)J->as16 + xr * n16};
+            const QRow a = acts_row(*J->acts, J->xrow[i]);
             float v = dot_unpacked(s.q, s.d16, a, nb32);
             if (J->fmt.has_min) v += dot_min(s.m16, a.s16, n16);
             J->out[J->pairs[i] * J->n + r] = v;
@@ -865,16 +1192,12 @@ static void job_task(void* ctx, int64_t t) {
 
 struct QuantJob {
     const float* x;
-    int64_t k;
-    int8_t* q;
-    float* d32;
-    float* s16;
+    const Acts* acts;
 };
 
 static void quant_task(void* ctx, int64_t t) {
     const QuantJob* Q = (const QuantJob*)ctx;
-    const int64_t k = Q->k;
-    quantize_row(Q->x + t * k, k, QRow{Q->q + t * k, Q->d32 + t * (k / 32), Q->s16 + t * (k / 16)});
+    quantize_row(Q->x + t * Q->acts->k, Q->acts->k, acts_row(*Q->acts, t));
 }
 
 // Rows per task: enough tasks to balance threads, few enough that each task's bytes
@@ -899,17 +1222,16 @@ static int grouped_matmul(int qtype, const uint8_t* w, int64_t E, int64_t n, int
     fp16_init();
     const int64_t row_bytes = k / fmt.block * fmt.bytes;
     int rc = 0;
-    int8_t* aq = (int8_t*)malloc(xrows * k + 64);
-    float* ad32 = (float*)malloc(sizeof(float) * (xrows * (k / 32) + 1));
-    float* as16 = (float*)malloc(sizeof(float) * (xrows * (k / 16) + 1));
+    Acts acts;
+    const bool acts_ok = acts_alloc(&acts, xrows, k);
     int64_t* count = (int64_t*)calloc(E + 1, sizeof(int64_t));
     int64_t* order = (int64_t*)malloc(sizeof(int64_t) * (npairs + 1));
     int64_t* xr = (int64_t*)malloc(sizeof(int64_t) * (npairs + 1));
     const uint8_t** tw = nullptr;
     int64_t *tr0 = nullptr, *tr1 = nullptr, *tp0 = nullptr, *tpn = nullptr;
-    if (!aq || !ad32 || !as16 || !count || !order || !xr) { rc = 3; goto done; }
+    if (!acts_ok || !count || !order || !xr) { rc = 3; goto done; }
     {
-        QuantJob qj{x, k, aq, ad32, as16};
+        QuantJob qj{x, &acts};
         parallel_for(xrows, xrows * k >= (1 << 16) ? nthreads : 1, quant_task, &qj);
         // counting sort of entries by expert (stable)
         // An id outside [0, E) (NO_EXPERT, -1) selects nothing: its output row is zeros.
@@ -955,13 +1277,14 @@ static int grouped_matmul(int qtype, const uint8_t* w, int64_t E, int64_t n, int
                 tpn[t] = c;
             }
         }
-        Job J{qtype, fmt, unpack_of(qtype), n, k, row_bytes, aq, ad32, as16, out, tw, tr0, tr1, tp0, tpn, order, xr};
+        Job J{qtype, fmt, unpack_of(qtype), n, k, row_bytes, &acts, out, tw, tr0, tr1, tp0, tpn, order, xr};
         // Tiny products: one thread (a wake-up costs more than the work).
         const int nt = n * k * (most < 4 ? most : 4) < (1 << 17) ? 1 : nthreads;
         parallel_for(ntasks, nt, job_task, &J);
     }
 done:
-    free(aq); free(ad32); free(as16); free(count); free(order); free(xr);
+    acts_free(&acts);
+    free(count); free(order); free(xr);
     free(tw); free(tr0); free(tr1); free(tp0); free(tpn);
     return rc;
 }
@@ -1329,25 +1652,22 @@ FM_EXPORT const char* fm_plan_layout(void) { return PLAN_LAYOUT; }
 
 // Growable per-thread buffers (the caller's; workers only read them during a step).
 struct PlanBufs {
-    int8_t* q = nullptr;  // quantized activation rows
-    float* d32 = nullptr;
-    float* s16 = nullptr;
-    int64_t qcap = 0;      // values
+    Acts acts;             // quantized activation rows
+    int64_t cap = 0;       // values they hold
     float* f = nullptr;    // float scratch
     int64_t fcap = 0;
 };
 static __thread PlanBufs t_plan;
 
-static bool plan_reserve(int64_t qvalues, int64_t floats) {
+// `rows` activation rows of `stride` values (a multiple of 256: the K layout's offsets), grown only.
+static bool plan_reserve(int64_t rows, int64_t stride, int64_t floats) {
     PlanBufs& b = t_plan;
-    if (qvalues > b.qcap) {
-        free(b.q); free(b.d32); free(b.s16);
-        b.q = (int8_t*)malloc(qvalues + 64);
-        b.d32 = (float*)malloc(sizeof(float) * (qvalues / 32 + 4));
-        b.s16 = (float*)malloc(sizeof(float) * (qvalues / 16 + 4));
-        b.qcap = (b.q && b.d32 && b.s16) ? qvalues : 0;
-        if (!b.qcap) return false;
+    stride = (stride + 255) / 256 * 256;
+    if (rows * stride > b.cap) {
+        if (!acts_alloc(&b.acts, rows * stride / 256, 256)) { b.cap = 0; return false; }
+        b.cap = rows * stride;
     }
+    b.acts.k = stride;
     if (floats > b.fcap) {
         free(b.f);
         b.f = (float*)malloc(sizeof(float) * floats);
@@ -1357,10 +1677,7 @@ static bool plan_reserve(int64_t qvalues, int64_t floats) {
     return true;
 }
 
-// Row i of the activation buffer, rows `stride` values apart (stride % 32 == 0).
-static QRow plan_row(int64_t i, int64_t stride) {
-    return QRow{t_plan.q + i * stride, t_plan.d32 + i * (stride / 32), t_plan.s16 + i * (stride / 16)};
-}
+static QRow plan_row(int64_t i) { return acts_row(t_plan.acts, i); }
 
 // Mat-vecs of several matrices in one pool job: matrix j's rows against activation row a[j].
 struct MatvecJob {
@@ -1399,14 +1716,14 @@ static void run_matvecs(MatvecJob* J, int nthreads) {
 static int plan_matvec(const int64_t* a, int nthreads) {
     const float* x = (const float*)a[0];
     const int64_t k = a[1], nmat = a[2];
-    if (nmat < 1 || nmat > 3 || !plan_reserve(k, 0)) return 2;
-    quantize_row(x, k, plan_row(0, k));
+    if (nmat < 1 || nmat > 3 || !plan_reserve(1, k, 0)) return 2;
+    quantize_row(x, k, plan_row(0));
     MatvecJob J;
     J.nmat = (int)nmat;
     for (int j = 0; j < nmat; j++) {
         const int64_t* m = a + 3 + 5 * j;
         if (!mat_ref((int)m[0], (const uint8_t*)m[1], m[2], k, &J.m[j])) return 3;
-        J.a[j] = plan_row(0, k);
+        J.a[j] = plan_row(0);
         J.bias[j] = (const float*)m[3];
         J.out[j] = (float*)m[4];
     }
@@ -1422,8 +1739,7 @@ static int plan_moe(const int64_t* a, int nthreads) {
     const int normalize = (int)a[5], act = (int)a[13];
     float* out = (float*)a[14];
     if (topk > MAX_TOPK || H % 32 || inter % 32) return 2;
-    const int64_t stride = H > inter ? H : inter;
-    if (!plan_reserve(stride * (1 + topk), 2 * topk * inter + topk * H)) return 3;
+    if (!plan_reserve(1 + topk, H > inter ? H : inter, 2 * topk * inter + topk * H)) return 3;
     float* g = t_plan.f;
     float* u = g + topk * inter;
     float* y = u + topk * inter;
@@ -1435,7 +1751,7 @@ static int plan_moe(const int64_t* a, int nthreads) {
         memset(out, 0, sizeof(float) * H);
         return 0;
     }
-    quantize_row(x, H, plan_row(0, stride));
+    quantize_row(x, H, plan_row(0));
     MatvecJob J;
     J.nmat = (int)(2 * topk);
     for (int64_t s = 0; s < topk; s++) {
@@ -1446,21 +1762,21 @@ static int plan_moe(const int64_t* a, int nthreads) {
         um.w += ids[s] * inter * um.row_bytes;
         J.m[2 * s] = gm;
         J.m[2 * s + 1] = um;
-        J.a[2 * s] = J.a[2 * s + 1] = plan_row(0, stride);
+        J.a[2 * s] = J.a[2 * s + 1] = plan_row(0);
         J.out[2 * s] = g + s * inter;
         J.out[2 * s + 1] = u + s * inter;
         J.bias[2 * s] = J.bias[2 * s + 1] = nullptr;
     }
     run_matvecs(&J, nthreads);
     fm_act_mul(act, g, u, topk * inter, g);
-    for (int64_t s = 0; s < topk; s++) quantize_row(g + s * inter, inter, plan_row(1 + s, stride));
+    for (int64_t s = 0; s < topk; s++) quantize_row(g + s * inter, inter, plan_row(1 + s));
     J.nmat = (int)topk;
     for (int64_t s = 0; s < topk; s++) {
         MatRef dm;
         if (!mat_ref((int)a[11], (const uint8_t*)a[12], H, inter, &dm)) return 4;
         dm.w += ids[s] * H * dm.row_bytes;
         J.m[s] = dm;
-        J.a[s] = plan_row(1 + s, stride);
+        J.a[s] = plan_row(1 + s);
         J.out[s] = y + s * H;
         J.bias[s] = nullptr;
     }
