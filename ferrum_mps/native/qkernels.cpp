@@ -635,8 +635,25 @@ struct KRow {
     float* dm;
 };
 
-static inline float k_block(float d, float dm, float kd, int32_t isum, int32_t imin) {
-    return (d * kd) * (float)isum - (dm * kd) * (float)imin;
+// A row's running sum: the integer lanes of each block (8 int32, lane L = values 4L..4L+3 of every
+// 32-value chunk: how maddubs + madd fold them) times d * kd, added lane-wise across blocks, and the
+// min terms (dm * kd) * imin added in block order; the lanes are summed at the end. No per-block
+// horizontal sum (it was the longest dependency chain of the K kernels: 25% of a 4-row dot). The
+// portable code keeps the same 8 lanes and additions, so every build and path gives the same bits.
+struct KAcc {
+    float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    float m = 0.f;
+};
+
+static inline void kacc_add(KAcc& A, const int32_t* lanes, float d, float dm, float kd, int32_t imin) {
+    const float dk = d * kd;
+    for (int L = 0; L < 8; L++) A.v[L] = A.v[L] + (float)lanes[L] * dk;
+    A.m = A.m + (dm * kd) * (float)imin;
+}
+
+static inline float kacc_sum(const KAcc& A) {  // hsum8's order
+    const float t0 = A.v[0] + A.v[4], t1 = A.v[1] + A.v[5], t2 = A.v[2] + A.v[6], t3 = A.v[3] + A.v[7];
+    return ((t0 + t2) + (t1 + t3)) - A.m;
 }
 
 static inline int32_t k_min(const int16_t* mn, const int16_t* bs) {
@@ -657,6 +674,19 @@ static inline int32_t hsum_i32(__m256i v) {
 static inline __m256i k_madd(__m256i u, const int8_t* a, __m256i sc2) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i*)a)), sc2);
 }
+
+// kacc_add / kacc_sum on a vector accumulator (the same operations lane by lane).
+struct KAccV {
+    __m256 v = _mm256_setzero_ps();
+    float m = 0.f;
+};
+
+static inline void kacc_add(KAccV& A, __m256i lanes, float d, float dm, float kd, int32_t imin) {
+    A.v = _mm256_add_ps(A.v, _mm256_mul_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(d * kd)));
+    A.m = A.m + (dm * kd) * (float)imin;
+}
+
+static inline float kacc_sum(const KAccV& A) { return hsum8(A.v) - A.m; }
 
 // sum over 16 groups of mn16[g] * bs[g] (int16 x int16, exact).
 static inline int32_t madd_sum16(__m256i mn16, const int16_t* bs) {
@@ -845,38 +875,43 @@ static KUnpackFn kunpack_of(int t) {
 
 // An unpacked K row against one activation row.
 static float kdot(const KRow& w, const QRow& a, int64_t nb) {
-    float acc = 0.f;
+#if defined(__AVX2__)
+    KAccV A;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t* u = w.u + 256 * b;
         const int8_t* q = a.kq + 256 * b;
         const int16_t* sc = w.sc + 16 * b;
-        int32_t isum = 0;
-#if defined(__AVX2__)
         __m256i s = _mm256_setzero_si256();
         const __m256i h[2] = {_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)sc)),
                               _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(sc + 8)))};
         for (int i = 0; i < 8; i++)
             s = _mm256_add_epi32(s, k_madd(_mm256_loadu_si256((const __m256i*)(u + 32 * i)), q + 32 * i,
                                            _mm256_shuffle_epi8(h[i / 4], pair_mask(2 * (i % 4)))));
-        isum = hsum_i32(s);
-        const int32_t imin = madd_sum16(_mm256_loadu_si256((const __m256i*)(w.mn + 16 * b)), a.kbs + 16 * b);
-#else
-        for (int g = 0; g < 16; g++) {
-            int32_t d = 0;
-            for (int l = 0; l < 16; l++) d += (int32_t)u[16 * g + l] * (int32_t)q[16 * g + l];
-            isum += sc[g] * d;
-        }
-        const int32_t imin = k_min(w.mn + 16 * b, a.kbs + 16 * b);
-#endif
-        acc += k_block(w.d[b], w.dm[b], a.kd[b], isum, imin);
+        kacc_add(A, s, w.d[b], w.dm[b], a.kd[b], madd_sum16(_mm256_loadu_si256((const __m256i*)(w.mn + 16 * b)), a.kbs + 16 * b));
     }
-    return acc;
+    return kacc_sum(A);
+#else
+    KAcc A;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* u = w.u + 256 * b;
+        const int8_t* q = a.kq + 256 * b;
+        int32_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int i = 0; i < 8; i++)
+            for (int L = 0; L < 8; L++) {
+                int32_t d = 0;
+                for (int t = 0; t < 4; t++) d += (int32_t)u[32 * i + 4 * L + t] * (int32_t)q[32 * i + 4 * L + t];
+                lanes[L] += w.sc[16 * b + 2 * i + (L >= 4)] * d;
+            }
+        kacc_add(A, lanes, w.d[b], w.dm[b], a.kd[b], k_min(w.mn + 16 * b, a.kbs + 16 * b));
+    }
+    return kacc_sum(A);
+#endif
 }
 
 #if defined(__AVX2__)
 // Four activation rows against one unpacked K row: each weight vector loaded once for four products.
 static void kdot4(const KRow& w, const QRow* a, int64_t nb, float* out) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    KAccV A[4];
     for (int64_t b = 0; b < nb; b++) {
         __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
         const int16_t* sc = w.sc + 16 * b;
@@ -888,10 +923,9 @@ static void kdot4(const KRow& w, const QRow* a, int64_t nb, float* out) {
             for (int r = 0; r < 4; r++) s[r] = _mm256_add_epi32(s[r], k_madd(u, a[r].kq + 256 * b + 32 * i, sc2));
         }
         const __m256i mn = _mm256_loadu_si256((const __m256i*)(w.mn + 16 * b));
-        for (int r = 0; r < 4; r++)
-            acc[r] += k_block(w.d[b], w.dm[b], a[r].kd[b], hsum_i32(s[r]), madd_sum16(mn, a[r].kbs + 16 * b));
+        for (int r = 0; r < 4; r++) kacc_add(A[r], s[r], w.d[b], w.dm[b], a[r].kd[b], madd_sum16(mn, a[r].kbs + 16 * b));
     }
-    for (int r = 0; r < 4; r++) out[r] = acc[r];
+    for (int r = 0; r < 4; r++) out[r] = kacc_sum(A[r]);
 }
 
 // Fused one-row kernels straight from the GGML blocks (decode): the same integer sums and float
@@ -900,7 +934,7 @@ static void kdot4(const KRow& w, const QRow* a, int64_t nb, float* out) {
 // of the instructions (Q6_K lm_head of 151936 x 2048, 1 thread: 12.2 ms before).
 
 static float fused_q4_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
-    float acc = 0.f;
+    KAccV A;
     const __m256i m4 = _mm256_set1_epi8(15);
     for (int64_t b = 0; b < k / 256; b++, r += 144) {
         const __m128i sm = q4k_scales_mins(r + 4);
@@ -916,13 +950,13 @@ static float fused_q4_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
             s = _mm256_add_epi32(s, k_madd(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), q + 64 * j + 32, s1));
         }
         const __m256i mn16 = twice16(_mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));  // each sub-block's min twice
-        acc += k_block(h2f(r), h2f(r + 2), a.kd[b], hsum_i32(s), madd_sum16(mn16, a.kbs + 16 * b));
+        kacc_add(A, s, h2f(r), h2f(r + 2), a.kd[b], madd_sum16(mn16, a.kbs + 16 * b));
     }
-    return acc;
+    return kacc_sum(A);
 }
 
 static float fused_q6_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
-    float acc = 0.f;
+    KAccV A;
     for (int64_t b = 0; b < k / 256; b++, r += 210) {
         const __m128i sc8 = _mm_loadu_si128((const __m128i*)(r + 192));  // 16 int8 scales
         const int8_t* q = a.kq + 256 * b;
@@ -939,9 +973,9 @@ static float fused_q6_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
         }
         const __m256i mn16 = _mm256_slli_epi16(_mm256_cvtepi8_epi16(sc8), 5);  // 32 * scale (|.| <= 4096)
         const float d = h2f(r + 208);
-        acc += k_block(d, d, a.kd[b], hsum_i32(s), madd_sum16(mn16, a.kbs + 16 * b));
+        kacc_add(A, s, d, d, a.kd[b], madd_sum16(mn16, a.kbs + 16 * b));
     }
-    return acc;
+    return kacc_sum(A);
 }
 #endif
 
@@ -1891,5 +1925,17 @@ FM_EXPORT int fm_selftest(void) {
     float x[32], y = 0.f;
     for (int j = 0; j < 32; j++) x[j] = 1.f;
     if (fm_qmatmul(T_Q8_0, blk, 1, 32, x, 1, &y, 1) != 0) return 1;
-    return fabsf(y - (-16.f)) < 0.5f ? 0 : 2;
+    if (fabsf(y - (-16.f)) >= 0.5f) return 2;
+    // A Q4_K block (the K-quant kernels): d = 1, dmin = 0, every sub-block scale 1 and min 0, every
+    // code 2: its product with 256 ones is 512, through the fused one-row and the unpacked 4-row code.
+    uint8_t k4[144] = {0, 0x3c, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1};
+    for (int j = 16; j < 144; j++) k4[j] = 0x22;
+    float xs[5 * 256], ys[5];
+    for (int j = 0; j < 5 * 256; j++) xs[j] = 1.f;
+    for (int m = 1; m <= 5; m += 4) {
+        if (fm_qmatmul(T_Q4_K, k4, 1, 256, xs, m, ys, 1) != 0) return 3;
+        for (int i = 0; i < m; i++)
+            if (fabsf(ys[i] - 512.f) >= 0.5f) return 4;
+    }
+    return 0;
 }
