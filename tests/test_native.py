@@ -180,6 +180,24 @@ def test_portable_build_matches_the_simd_build(qt):
         torch.testing.assert_close(out, torch.ops.ferrum.qlinear(x, raw, int(qt), n, k), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.skipif(not {"x86-64-v4", "x86-64-v3"} <= set(native.isa_levels()),
+                    reason="needs an x86-64 CPU with AVX-512 (x86-64-v4)")
+@pytest.mark.parametrize("qt", TYPES, ids=lambda q: q.name)
+def test_avx512_and_avx2_builds_agree_bit_for_bit(qt):
+    # K-quants: the AVX-512 kernels fold their 16 int32 lanes into the AVX2 code's 8 (exact integers)
+    # before the same float steps; the other types run the same AVX2 code in both builds.
+    v4, v3 = (native.library_for(i) for i in ("x86-64-v4", "x86-64-v3"))
+    n, k = 24, 1024
+    raw = _raw(qt, n, k)
+    for m in (1, 2, 5):
+        x = torch.randn(m, k)
+        outs = [torch.empty(m, n), torch.empty(m, n)]
+        for lib, out in zip((v4, v3), outs):
+            assert lib.fm_qmatmul(int(qt), raw.data_ptr(), n, k, x.data_ptr(), m, out.data_ptr(), 2) == 0
+        assert torch.equal(outs[0], outs[1])
+        assert _rel(outs[0], x @ _gguf_weight(raw, qt, n, k).T) <= REL_TOL
+
+
 def test_fallback_when_the_library_does_not_build(monkeypatch, tmp_path, caplog):
     broken = tmp_path / "qkernels.cpp"
     broken.write_text("this is not C++\n")

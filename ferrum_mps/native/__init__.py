@@ -154,6 +154,7 @@ def _cpu_flags() -> set[str]:
 
 
 _V3 = {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm"}
+_V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 
 
 def isa_levels() -> list[str]:
@@ -161,7 +162,7 @@ def isa_levels() -> list[str]:
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
         flags = _cpu_flags()
-        return (["x86-64-v3"] if _V3 <= flags else []) + ["x86-64"]
+        return (["x86-64-v4"] if _V4 <= flags else []) + (["x86-64-v3"] if _V3 <= flags else []) + ["x86-64"]
     if machine in ("arm64", "aarch64"):
         dot = platform.system() == "Darwin" or "asimddp" in _cpu_flags()  # every Apple arm64 CPU has dotprod
         return (["armv8.2-a+dotprod"] if dot else []) + ["armv8-a"]
@@ -170,7 +171,7 @@ def isa_levels() -> list[str]:
 
 def _target_flags(isa: str, zig: bool) -> list[str]:
     if zig:
-        return {"x86-64-v3": ["-mcpu=x86_64_v3"], "x86-64": ["-mcpu=baseline"],
+        return {"x86-64-v4": ["-mcpu=x86_64_v4"], "x86-64-v3": ["-mcpu=x86_64_v3"], "x86-64": ["-mcpu=baseline"],
                 "armv8.2-a+dotprod": ["-mcpu=generic+v8_2a+dotprod+fullfp16"], "armv8-a": ["-mcpu=generic"],
                 "generic": ["-mcpu=baseline"]}[isa]
     if isa.startswith("x86-64"):
@@ -241,7 +242,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fm_rms_norm.argtypes = [p, p, f32, i64, i64, p]
     lib.fm_act_mul.argtypes = [i32, p, p, i64, p]
     lib.fm_decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, p, i32]
-    lib.fm_moe_route.argtypes = [p, p, i64, i64, i64, i64, i32, p, p]
+    lib.fm_moe_route.argtypes = [p, p, i64, i64, i64, i64, i32, p, p, i32]
     lib.fm_moe_combine.argtypes = [p, p, i64, i64, i64, p]
     lib.fm_plan_run.argtypes = [p, i64, i64, i64, i32]
     lib.fm_plan_layout.restype = ctypes.c_char_p
@@ -249,7 +250,7 @@ def _declare(lib: ctypes.CDLL) -> None:
               lib.fm_rms_norm, lib.fm_act_mul, lib.fm_decode_attention, lib.fm_moe_route, lib.fm_moe_combine,
               lib.fm_plan_run):
         f.restype = ctypes.c_int
-    if lib.fm_abi_version() != 3:
+    if lib.fm_abi_version() != 4:
         raise OSError("stale native library (ABI version mismatch)")
 
 
@@ -435,7 +436,7 @@ def moe_route(x, router_weight, top_k: int, normalize: bool) -> tuple[torch.Tens
     w = torch.empty((T, top_k), dtype=torch.float32)
     ids = torch.empty((T, top_k), dtype=torch.int32)
     _check(lib.fm_moe_route(x.data_ptr(), r.data_ptr(), T, H, r.shape[0], top_k, int(normalize), w.data_ptr(),
-                            ids.data_ptr()), "moe_route")
+                            ids.data_ptr(), threads()), "moe_route")
     return w, ids
 
 

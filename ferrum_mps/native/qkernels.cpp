@@ -48,6 +48,13 @@ struct atomic {
 
 #define FM_EXPORT extern "C" __attribute__((visibility("default")))
 
+// 64-byte aligned buffers (free() releases them): a 64-byte load from a 16-byte aligned malloc
+// block splits two cache lines every time.
+static void* amalloc(size_t n) {
+    void* p = nullptr;
+    return posix_memalign(&p, 64, n ? n : 64) == 0 ? p : nullptr;
+}
+
 // ---------------------------------------------------------------------------- fp16
 
 static float fp16_soft(uint16_t h) {
@@ -375,8 +382,8 @@ static void acts_free(Acts* A) {
 static bool acts_alloc(Acts* A, int64_t rows, int64_t k) {
     acts_free(A);
     A->k = k;
-    A->q = (int8_t*)malloc(rows * k + 64);
-    A->kq = (int8_t*)malloc(rows * k + 64);
+    A->q = (int8_t*)amalloc(rows * k + 64);
+    A->kq = (int8_t*)amalloc(rows * k + 64);
     A->d32 = (float*)malloc(sizeof(float) * (rows * (k / 32) + 1));
     A->s16 = (float*)malloc(sizeof(float) * (rows * (k / 16) + 1));
     A->kd = (float*)malloc(sizeof(float) * (rows * (k / 256) + 1));
@@ -729,6 +736,40 @@ static inline void q6k_codes(const uint8_t* r, int n, __m256i* c) {
     c[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(L1, 4), m4),
                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(H, 6), m3), 4));
 }
+
+#if defined(__AVX512BW__)
+// x86-64-v4 (AVX-512): 64 values per maddubs/madd, half the instructions of the AVX2 code. Int16
+// lane l of a 64-value chunk's maddubs pairs covers values 2l and 2l + 1; these tables give each
+// lane's scale index for vpermw: per-16 scales of chunk c (IDX16), per-32 sub-block scales (IDX32,
+// Q4_K). Folding the 16 int32 lanes' halves gives exactly the AVX2 code's 8 lanes (integers), so
+// both builds return the same bits.
+alignas(64) static const int16_t IDX16[4][32] = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
+    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9, 10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13, 14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15}};
+alignas(64) static const int16_t IDX32[4][32] = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
+    {2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5},
+    {6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7}};
+
+static inline __m512i k_madd512(__m512i u, const int8_t* a, __m512i sc) {
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, _mm512_loadu_si512(a)), sc);
+}
+
+static inline __m512i join256(__m256i lo, __m256i hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+static inline __m256i fold512(__m512i z) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(z), _mm512_extracti64x4_epi64(z, 1));
+}
+
+static inline __m512i lane_scales(const int16_t (*idx)[32], int c, __m512i sc) {
+    return _mm512_permutexvar_epi16(_mm512_load_si512(idx[c]), sc);
+}
+#endif
 #endif
 
 static void kunpack_q2_k(const uint8_t* r, int64_t nb, KRow o) {
@@ -793,8 +834,13 @@ static void kunpack_q4_k(const uint8_t* r, int64_t nb, KRow o) {
         const __m256i m4 = _mm256_set1_epi8(15);
         for (int j = 0; j < 4; j++) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(r + 16 + 32 * j));
-            _mm256_storeu_si256((__m256i*)(o.u + 256 * b + 64 * j), _mm256_and_si256(v, m4));
-            _mm256_storeu_si256((__m256i*)(o.u + 256 * b + 64 * j + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+            const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+#if defined(__AVX512BW__)  // stored as the dots load it: a load spanning two stores is not forwarded
+            _mm512_storeu_si512(o.u + 256 * b + 64 * j, join256(lo, hi));
+#else
+            _mm256_storeu_si256((__m256i*)(o.u + 256 * b + 64 * j), lo);
+            _mm256_storeu_si256((__m256i*)(o.u + 256 * b + 64 * j + 32), hi);
+#endif
         }
         continue;
 #endif
@@ -838,7 +884,12 @@ static void kunpack_q6_k(const uint8_t* r, int64_t nb, KRow o) {
         for (int n = 0; n < 2; n++) {
             __m256i c[4];
             q6k_codes(r, n, c);
+#if defined(__AVX512BW__)
+            _mm512_storeu_si512(o.u + 256 * b + 128 * n, join256(c[0], c[1]));
+            _mm512_storeu_si512(o.u + 256 * b + 128 * n + 64, join256(c[2], c[3]));
+#else
             for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i*)(o.u + 256 * b + 128 * n + 32 * i), c[i]);
+#endif
         }
         continue;
 #endif
@@ -881,12 +932,20 @@ static float kdot(const KRow& w, const QRow& a, int64_t nb) {
         const uint8_t* u = w.u + 256 * b;
         const int8_t* q = a.kq + 256 * b;
         const int16_t* sc = w.sc + 16 * b;
+#if defined(__AVX512BW__)
+        const __m512i sc512 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)sc));
+        __m512i z = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++)
+            z = _mm512_add_epi32(z, k_madd512(_mm512_loadu_si512(u + 64 * c), q + 64 * c, lane_scales(IDX16, c, sc512)));
+        const __m256i s = fold512(z);
+#else
         __m256i s = _mm256_setzero_si256();
         const __m256i h[2] = {_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)sc)),
                               _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(sc + 8)))};
         for (int i = 0; i < 8; i++)
             s = _mm256_add_epi32(s, k_madd(_mm256_loadu_si256((const __m256i*)(u + 32 * i)), q + 32 * i,
                                            _mm256_shuffle_epi8(h[i / 4], pair_mask(2 * (i % 4)))));
+#endif
         kacc_add(A, s, w.d[b], w.dm[b], a.kd[b], madd_sum16(_mm256_loadu_si256((const __m256i*)(w.mn + 16 * b)), a.kbs + 16 * b));
     }
     return kacc_sum(A);
@@ -913,8 +972,18 @@ static float kdot(const KRow& w, const QRow& a, int64_t nb) {
 static void kdot4(const KRow& w, const QRow* a, int64_t nb, float* out) {
     KAccV A[4];
     for (int64_t b = 0; b < nb; b++) {
-        __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
         const int16_t* sc = w.sc + 16 * b;
+#if defined(__AVX512BW__)
+        __m512i z[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        const __m512i sc512 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)sc));
+        for (int c = 0; c < 4; c++) {
+            const __m512i u = _mm512_loadu_si512(w.u + 256 * b + 64 * c);
+            const __m512i s4 = lane_scales(IDX16, c, sc512);
+            for (int r = 0; r < 4; r++) z[r] = _mm512_add_epi32(z[r], k_madd512(u, a[r].kq + 256 * b + 64 * c, s4));
+        }
+        const __m256i s[4] = {fold512(z[0]), fold512(z[1]), fold512(z[2]), fold512(z[3])};
+#else
+        __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
         const __m256i h[2] = {_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)sc)),
                               _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(sc + 8)))};
         for (int i = 0; i < 8; i++) {
@@ -922,6 +991,7 @@ static void kdot4(const KRow& w, const QRow* a, int64_t nb, float* out) {
             const __m256i sc2 = _mm256_shuffle_epi8(h[i / 4], pair_mask(2 * (i % 4)));
             for (int r = 0; r < 4; r++) s[r] = _mm256_add_epi32(s[r], k_madd(u, a[r].kq + 256 * b + 32 * i, sc2));
         }
+#endif
         const __m256i mn = _mm256_loadu_si256((const __m256i*)(w.mn + 16 * b));
         for (int r = 0; r < 4; r++) kacc_add(A[r], s[r], w.d[b], w.dm[b], a[r].kd[b], madd_sum16(mn, a[r].kbs + 16 * b));
     }
@@ -941,6 +1011,17 @@ static float fused_q4_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
         // int16 scales of sub-block j in both 128-bit halves; a shuffle broadcasts one to 16 lanes.
         const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
         const int8_t* q = a.kq + 256 * b;
+#if defined(__AVX512BW__)
+        const __m512i sc512 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
+        __m512i z = _mm512_setzero_si512();
+        for (int j = 0; j < 4; j++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(r + 16 + 32 * j));
+            const __m512i u = join256(_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+            z = _mm512_add_epi32(z, k_madd512(u, q + 64 * j, lane_scales(IDX32, j, sc512)));
+        }
+        const __m256i s = fold512(z);
+        (void)sc;
+#else
         __m256i s = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(r + 16 + 32 * j));
@@ -949,6 +1030,7 @@ static float fused_q4_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
             s = _mm256_add_epi32(s, k_madd(_mm256_and_si256(v, m4), q + 64 * j, s0));
             s = _mm256_add_epi32(s, k_madd(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), q + 64 * j + 32, s1));
         }
+#endif
         const __m256i mn16 = twice16(_mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));  // each sub-block's min twice
         kacc_add(A, s, h2f(r), h2f(r + 2), a.kd[b], madd_sum16(mn16, a.kbs + 16 * b));
     }
@@ -960,6 +1042,17 @@ static float fused_q6_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
     for (int64_t b = 0; b < k / 256; b++, r += 210) {
         const __m128i sc8 = _mm_loadu_si128((const __m128i*)(r + 192));  // 16 int8 scales
         const int8_t* q = a.kq + 256 * b;
+#if defined(__AVX512BW__)
+        const __m512i sc512 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc8));
+        __m512i z = _mm512_setzero_si512();
+        for (int n = 0; n < 2; n++) {
+            __m256i c[4];
+            q6k_codes(r, n, c);
+            z = _mm512_add_epi32(z, k_madd512(join256(c[0], c[1]), q + 128 * n, lane_scales(IDX16, 2 * n, sc512)));
+            z = _mm512_add_epi32(z, k_madd512(join256(c[2], c[3]), q + 128 * n + 64, lane_scales(IDX16, 2 * n + 1, sc512)));
+        }
+        const __m256i s = fold512(z);
+#else
         __m256i s = _mm256_setzero_si256();
         for (int n = 0; n < 2; n++) {
             __m256i c[4];
@@ -971,6 +1064,7 @@ static float fused_q6_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
                 s = _mm256_add_epi32(s, k_madd(c[i], q + 128 * n + 32 * i, _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, pick))));
             }
         }
+#endif
         const __m256i mn16 = _mm256_slli_epi16(_mm256_cvtepi8_epi16(sc8), 5);  // 32 * scale (|.| <= 4096)
         const float d = h2f(r + 208);
         kacc_add(A, s, d, d, a.kd[b], madd_sum16(mn16, a.kbs + 16 * b));
@@ -1148,10 +1242,10 @@ static bool scratch_reserve(int64_t k) {
     Scratch& s = t_scratch;
     if (s.cap >= k) return true;
     free(s.q); free(s.d16); free(s.m16); free(s.u); free(s.sc); free(s.mn); free(s.d); free(s.dm);
-    s.q = (int8_t*)malloc(k + 64);
+    s.q = (int8_t*)amalloc(k + 64);
     s.d16 = (float*)malloc(sizeof(float) * (k / 16 + 4));
     s.m16 = (float*)calloc(k / 16 + 4, sizeof(float));
-    s.u = (uint8_t*)malloc(k + 64);
+    s.u = (uint8_t*)amalloc(k + 64);
     s.sc = (int16_t*)malloc(sizeof(int16_t) * (k / 16 + 4));
     s.mn = (int16_t*)malloc(sizeof(int16_t) * (k / 16 + 4));
     s.d = (float*)malloc(sizeof(float) * (k / 256 + 4));
@@ -1384,7 +1478,7 @@ done:
 
 // ---------------------------------------------------------------------------- exports
 
-FM_EXPORT int fm_abi_version(void) { return 3; }
+FM_EXPORT int fm_abi_version(void) { return 4; }
 
 FM_EXPORT int fm_supported(int qtype) {
     Format f;
@@ -1588,10 +1682,13 @@ FM_EXPORT int fm_act_mul(int act, const float* g, const float* u, int64_t n, flo
 static inline float dot_f32(const float* a, const float* b, int64_t n) {
     int64_t j = 0;
     float acc = 0.f;
-#if defined(__AVX2__)
-    __m256 v = _mm256_setzero_ps();
-    for (; j + 8 <= n; j += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), v);
-    acc = hsum8(v);
+#if defined(__AVX2__)  // four chains: one FMA chain's latency made the MoE router 1.9 ms of a 64-token layer
+    __m256 v[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; j + 32 <= n; j += 32)
+        for (int c = 0; c < 4; c++)
+            v[c] = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8 * c), _mm256_loadu_ps(b + j + 8 * c), v[c]);
+    for (; j + 8 <= n; j += 8) v[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), v[0]);
+    acc = hsum8(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
 #endif
     for (; j < n; j++) acc += a[j] * b[j];
     return acc;
@@ -1654,43 +1751,59 @@ FM_EXPORT int fm_decode_attention(const float* q, const float* kc, const float* 
 
 enum { MAX_TOPK = 16 };
 
+struct RouteJob {
+    const float *x, *router;
+    int64_t H, E, topk;
+    int normalize;
+    float* w;
+    int32_t* ids;
+};
+
+static void route_task(void* ctx, int64_t t) {
+    const RouteJob* J = (const RouteJob*)ctx;
+    const int64_t H = J->H, E = J->E, topk = J->topk;
+    const float* x = J->x + t * H;
+    float* w = J->w + t * topk;
+    int32_t* ids = J->ids + t * topk;
+    float* probs = fscratch(E);
+    if (!probs) abort();
+    float mx = -INFINITY;
+    for (int64_t e = 0; e < E; e++) {
+        probs[e] = dot_f32(x, J->router + e * H, H);
+        mx = probs[e] > mx ? probs[e] : mx;
+    }
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; e++) sum += (probs[e] = expf(probs[e] - mx));
+    if (isnan(sum)) {
+        for (int64_t s = 0; s < topk; s++) { ids[s] = -1; w[s] = 0.f; }
+        return;
+    }
+    for (int64_t e = 0; e < E; e++) probs[e] /= sum;
+    for (int64_t s = 0; s < topk; s++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++) {
+            bool taken = false;
+            for (int64_t r = 0; r < s; r++) taken |= ids[r] == e;
+            if (!taken && (best < 0 || probs[e] > probs[best])) best = e;
+        }
+        ids[s] = (int32_t)best;
+        w[s] = probs[best];
+    }
+    if (J->normalize) {
+        float ws = 0.f;
+        for (int64_t s = 0; s < topk; s++) ws += w[s];
+        for (int64_t s = 0; s < topk; s++) w[s] /= ws;
+    }
+}
+
 // Router of T tokens: probs = softmax(x . router^T) (float32), the top-k with ties to the lower
 // expert index, renormalised when asked; a token whose softmax is undefined (a NaN or infinite
-// logit) gets ids -1 and weights 0 (ferrum::moe_gate_route's rules).
+// logit) gets ids -1 and weights 0 (ferrum::moe_gate_route's rules). Tokens in parallel.
 FM_EXPORT int fm_moe_route(const float* x, const float* router, int64_t T, int64_t H, int64_t E, int64_t topk,
-                           int normalize, float* w, int32_t* ids) {
+                           int normalize, float* w, int32_t* ids, int nthreads) {
     if (topk < 1 || topk > MAX_TOPK || topk > E) return 2;
-    float* probs = fscratch(E);
-    if (!probs) return 3;
-    for (int64_t t = 0; t < T; t++, x += H, w += topk, ids += topk) {
-        float mx = -INFINITY;
-        for (int64_t e = 0; e < E; e++) {
-            probs[e] = dot_f32(x, router + e * H, H);
-            mx = probs[e] > mx ? probs[e] : mx;
-        }
-        float sum = 0.f;
-        for (int64_t e = 0; e < E; e++) sum += (probs[e] = expf(probs[e] - mx));
-        if (isnan(sum)) {
-            for (int64_t s = 0; s < topk; s++) { ids[s] = -1; w[s] = 0.f; }
-            continue;
-        }
-        for (int64_t e = 0; e < E; e++) probs[e] /= sum;
-        for (int64_t s = 0; s < topk; s++) {
-            int64_t best = -1;
-            for (int64_t e = 0; e < E; e++) {
-                bool taken = false;
-                for (int64_t r = 0; r < s; r++) taken |= ids[r] == e;
-                if (!taken && (best < 0 || probs[e] > probs[best])) best = e;
-            }
-            ids[s] = (int32_t)best;
-            w[s] = probs[best];
-        }
-        if (normalize) {
-            float ws = 0.f;
-            for (int64_t s = 0; s < topk; s++) ws += w[s];
-            for (int64_t s = 0; s < topk; s++) w[s] /= ws;
-        }
-    }
+    RouteJob J{x, router, H, E, topk, normalize, w, ids};
+    parallel_for(T, T * E * H < (1 << 18) ? 1 : nthreads, route_task, &J);
     return 0;
 }
 
@@ -1838,7 +1951,7 @@ static int plan_moe(const int64_t* a, int nthreads) {
     float* y = u + topk * inter;
     int32_t ids[MAX_TOPK];
     float w[MAX_TOPK];
-    const int rc = fm_moe_route(x, (const float*)a[6], 1, H, E, topk, normalize, w, ids);
+    const int rc = fm_moe_route(x, (const float*)a[6], 1, H, E, topk, normalize, w, ids, 1);
     if (rc) return rc;
     if (ids[0] < 0) {  // an undefined softmax selects no expert (weight 0): the block adds nothing
         memset(out, 0, sizeof(float) * H);
