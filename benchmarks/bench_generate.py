@@ -14,7 +14,9 @@ Models:
                a 151k-row lm_head would dominate a 2-layer model), Q4_K/Q6_K as in Q4_K_M files.
                Written once under ~/.cache/ferrum_mps/synthetic; its 2-D weights repeat their first
                1,024 rows and its experts repeat the first 4 (same sizes and compute; K-quant search
-               on 1.2 B random weights would take hours).
+               on 1.2 B random weights would take hours). `--moe-gguf FILE` uses another file of these
+               dimensions instead, e.g. the real-vocabulary one llama-quantize makes
+               (benchmarks/make_a3b_gguf.py).
 transformers dequantizes the file to float32 at load (its only GGUF path without a GPU kernel).
 
 With `--llama-bench PATH` (a llama.cpp build's llama-bench), llama.cpp runs on the same file with the
