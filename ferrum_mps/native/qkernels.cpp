@@ -1,17 +1,21 @@
 // Native CPU kernels for GGML-quantized weights: y = x @ W.T on raw GGUF blocks.
 //
 // Built on first use by ferrum_mps/native/__init__.py, once per instruction-set level
-// (baseline / x86-64-v3 / aarch64+dotprod), never for the build machine's own CPU, and
-// loaded with ctypes (which releases the GIL around every call).
+// (baseline / x86-64-v3 / x86-64-v4 / aarch64+dotprod), never for the build machine's own CPU,
+// and loaded with ctypes (which releases the GIL around every call).
 //
-// Scheme (llama.cpp's): each activation row is quantized once to int8 in blocks of 32
-// with a float scale (plus the sums of those codes per 16 values for the formats with mins);
-// each weight row is unpacked once per call into int8 codes with one float scale and one
-// float offset per 16 values (value = d16 * q + m16); the dot product is integer per block
-// of 32 (maddubs/madd on AVX2) times the two float scales. Q8_0 rows are read in place.
-// The unpacked row (k bytes) stays in L1 and is reused for every activation row, which is
-// the mat-mat (prefill) blocking; an MoE call runs the same loop per expert over only the
-// (token, slot) pairs routed to that expert.
+// Scheme (llama.cpp's): each activation row is quantized once to int8, in blocks of 32 with a
+// float scale (plus d * code sums per 16 values) for the 32-value block formats, and in blocks of
+// 256 with one scale and int16 code sums per 16 (Q8_K) for the K-quants. 32-value formats: each
+// weight row is unpacked into int8 codes with a float scale and offset per 16 values (value =
+// d16 * q + m16), integer dots per 32 values times the two float scales; Q8_0 is read in place.
+// K-quants: integer sub-block scales times exact integer dots, one float step per 256 values (see
+// "K-quants"). One activation row (decode) runs fused kernels straight from the raw blocks; more
+// rows unpack each weight row once into L1 and reuse it for every activation row (the mat-mat,
+// prefill blocking); an MoE call runs the same loop per expert over only the (token, slot) pairs
+// routed to that expert. Every path of a type gives the same bits for a row, whatever the batch.
+//
+// The decode plans at the end run a whole model's one-token step in one call.
 //
 // No C++ runtime library is used (plain pthreads and malloc): the ziglang compiler builds
 // with -nostdlib++ in seconds instead of compiling libc++ first.
