@@ -231,20 +231,25 @@ static void unpack_q2_k(const uint8_t* r, int64_t nb, int8_t* q, float* d16, flo
     }
 }
 
+// Q3_K's 12 scale bytes as 16 six-bit scales (0..63; the value's scale is sc - 32).
+static inline void q3k_scales(const uint8_t* s, int8_t* sc) {
+    uint32_t aux[4];
+    memcpy(aux, s, 12);
+    const uint32_t k1 = 0x03030303, k2 = 0x0f0f0f0f, tmp = aux[2];
+    aux[2] = ((aux[0] >> 4) & k2) | (((tmp >> 4) & k1) << 4);
+    aux[3] = ((aux[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4);
+    aux[0] = (aux[0] & k2) | (((tmp >> 0) & k1) << 4);
+    aux[1] = (aux[1] & k2) | (((tmp >> 2) & k1) << 4);
+    memcpy(sc, aux, 16);
+}
+
 static void unpack_q3_k(const uint8_t* r, int64_t nb, int8_t* q, float* d16, float*) {
     for (int64_t b = 0; b < nb; b++, r += 110, q += 256, d16 += 16) {
         const uint8_t* hm = r;
         const uint8_t* qs = r + 32;
         const float d = h2f(r + 108);
-        uint32_t aux[4];
-        memcpy(aux, r + 96, 12);
-        const uint32_t k1 = 0x03030303, k2 = 0x0f0f0f0f, tmp = aux[2];
-        aux[2] = ((aux[0] >> 4) & k2) | (((tmp >> 4) & k1) << 4);
-        aux[3] = ((aux[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4);
-        aux[0] = (aux[0] & k2) | (((tmp >> 0) & k1) << 4);
-        aux[1] = (aux[1] & k2) | (((tmp >> 2) & k1) << 4);
         int8_t sc[16];
-        memcpy(sc, aux, 16);
+        q3k_scales(r + 96, sc);
         for (int g = 0; g < 16; g++) d16[g] = d * (float)(sc[g] - 32);
         for (int n = 0; n < 2; n++) {
             for (int j = 0; j < 4; j++) {
@@ -796,15 +801,8 @@ static void kunpack_q3_k(const uint8_t* r, int64_t nb, KRow o) {
     for (int64_t b = 0; b < nb; b++, r += 110) {
         const uint8_t* hm = r;
         const uint8_t* qs = r + 32;
-        uint32_t aux[4];
-        memcpy(aux, r + 96, 12);
-        const uint32_t k1 = 0x03030303, k2 = 0x0f0f0f0f, tmp = aux[2];
-        aux[2] = ((aux[0] >> 4) & k2) | (((tmp >> 4) & k1) << 4);
-        aux[3] = ((aux[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4);
-        aux[0] = (aux[0] & k2) | (((tmp >> 0) & k1) << 4);
-        aux[1] = (aux[1] & k2) | (((tmp >> 2) & k1) << 4);
         int8_t sc[16];
-        memcpy(sc, aux, 16);
+        q3k_scales(r + 96, sc);
         o.d[b] = o.dm[b] = h2f(r + 108);
         for (int g = 0; g < 16; g++) {
             o.sc[16 * b + g] = (int16_t)(sc[g] - 32);
