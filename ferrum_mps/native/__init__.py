@@ -155,7 +155,7 @@ def _cpu_flags() -> set[str]:
 
 
 _V3 = {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm"}
-_V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+_V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"}  # x86-64-v4 + VNNI
 
 
 def isa_levels() -> list[str]:
@@ -172,9 +172,11 @@ def isa_levels() -> list[str]:
 
 def _target_flags(isa: str, zig: bool) -> list[str]:
     if zig:
-        return {"x86-64-v4": ["-mcpu=x86_64_v4"], "x86-64-v3": ["-mcpu=x86_64_v3"], "x86-64": ["-mcpu=baseline"],
+        return {"x86-64-v4": ["-mcpu=x86_64_v4+avx512vnni"], "x86-64-v3": ["-mcpu=x86_64_v3"], "x86-64": ["-mcpu=baseline"],
                 "armv8.2-a+dotprod": ["-mcpu=generic+v8_2a+dotprod+fullfp16"], "armv8-a": ["-mcpu=generic"],
                 "generic": ["-mcpu=baseline"]}[isa]
+    if isa == "x86-64-v4":
+        return ["-march=x86-64-v4", "-mavx512vnni"]
     if isa.startswith("x86-64"):
         return [f"-march={isa}"]
     return [] if isa == "generic" else [f"-march={isa}"]

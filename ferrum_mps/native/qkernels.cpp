@@ -651,31 +651,32 @@ struct KRow {
     float* dm;
 };
 
-// A row's running sum: the integer lanes of each block (8 int32, lane L = values 4L..4L+3 of every
-// 32-value chunk: how maddubs + madd fold them) times d * kd, added lane-wise across blocks, and the
-// min terms (dm * kd) * imin added in block order; the lanes are summed at the end. No per-block
-// horizontal sum (it was the longest dependency chain of the K kernels: 25% of a 4-row dot). The
-// portable code keeps the same 8 lanes and additions, so every build and path gives the same bits.
+// A row's running sum in 8 float lanes, no horizontal sum per block (that was the longest dependency
+// chain of the K kernels, then a third of a 4-row dot's instructions): the code term's integer lanes
+// of each block (lane L = values 4L..4L+3 of every 32-value chunk, as maddubs + madd fold them)
+// times d * kd, and the min term's lanes (lane L = groups 2L and 2L + 1, as madd folds mn * bs)
+// times dm * kd, each added lane-wise across blocks and summed at the end. The portable code keeps
+// the same lanes and additions, so every build and path gives the same bits.
 struct KAcc {
     float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    float m = 0.f;
+    float m[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 };
 
-static inline void kacc_add(KAcc& A, const int32_t* lanes, float d, float dm, float kd, int32_t imin) {
-    const float dk = d * kd;
+static inline void kacc_add(KAcc& A, const int32_t* lanes, const int32_t* min_lanes, float d, float dm, float kd) {
+    const float dk = d * kd, mk = dm * kd;
     for (int L = 0; L < 8; L++) A.v[L] = A.v[L] + (float)lanes[L] * dk;
-    A.m = A.m + (dm * kd) * (float)imin;
+    for (int L = 0; L < 8; L++) A.m[L] = A.m[L] + (float)min_lanes[L] * mk;
 }
 
-static inline float kacc_sum(const KAcc& A) {  // hsum8's order
-    const float t0 = A.v[0] + A.v[4], t1 = A.v[1] + A.v[5], t2 = A.v[2] + A.v[6], t3 = A.v[3] + A.v[7];
-    return ((t0 + t2) + (t1 + t3)) - A.m;
+static inline float hsum8_scalar(const float* v) {  // hsum8's order
+    const float t0 = v[0] + v[4], t1 = v[1] + v[5], t2 = v[2] + v[6], t3 = v[3] + v[7];
+    return (t0 + t2) + (t1 + t3);
 }
 
-static inline int32_t k_min(const int16_t* mn, const int16_t* bs) {
-    int32_t s = 0;
-    for (int g = 0; g < 16; g++) s += (int32_t)mn[g] * (int32_t)bs[g];
-    return s;
+static inline float kacc_sum(const KAcc& A) { return hsum8_scalar(A.v) - hsum8_scalar(A.m); }
+
+static inline void k_min_lanes(const int16_t* mn, const int16_t* bs, int32_t* out) {
+    for (int L = 0; L < 8; L++) out[L] = (int32_t)mn[2 * L] * bs[2 * L] + (int32_t)mn[2 * L + 1] * bs[2 * L + 1];
 }
 
 #if defined(__AVX2__)
@@ -694,19 +695,19 @@ static inline __m256i k_madd(__m256i u, const int8_t* a, __m256i sc2) {
 // kacc_add / kacc_sum on a vector accumulator (the same operations lane by lane).
 struct KAccV {
     __m256 v = _mm256_setzero_ps();
-    float m = 0.f;
+    __m256 m = _mm256_setzero_ps();
 };
 
-static inline void kacc_add(KAccV& A, __m256i lanes, float d, float dm, float kd, int32_t imin) {
+static inline void kacc_add(KAccV& A, __m256i lanes, __m256i min_lanes, float d, float dm, float kd) {
     A.v = _mm256_add_ps(A.v, _mm256_mul_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(d * kd)));
-    A.m = A.m + (dm * kd) * (float)imin;
+    A.m = _mm256_add_ps(A.m, _mm256_mul_ps(_mm256_cvtepi32_ps(min_lanes), _mm256_set1_ps(dm * kd)));
 }
 
-static inline float kacc_sum(const KAccV& A) { return hsum8(A.v) - A.m; }
+static inline float kacc_sum(const KAccV& A) { return hsum8(A.v) - hsum8(A.m); }
 
-// sum over 16 groups of mn16[g] * bs[g] (int16 x int16, exact).
-static inline int32_t madd_sum16(__m256i mn16, const int16_t* bs) {
-    return hsum_i32(_mm256_madd_epi16(mn16, _mm256_loadu_si256((const __m256i*)bs)));
+// mn16[g] * bs[g] folded in pairs of groups (int16 x int16, exact): the min term's 8 lanes.
+static inline __m256i min_lanes(__m256i mn16, const int16_t* bs) {
+    return _mm256_madd_epi16(mn16, _mm256_loadu_si256((const __m256i*)bs));
 }
 
 // Shuffle mask taking int16 lane g of each 128-bit half to lanes 0-7 and lane g + 1 to lanes 8-15.
@@ -763,8 +764,9 @@ alignas(64) static const int16_t IDX32[4][32] = {
     {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5},
     {6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7}};
 
-static inline __m512i k_madd512(__m512i u, const int8_t* a, __m512i sc) {
-    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, _mm512_loadu_si512(a)), sc);
+// acc + sum sc * (u . a) over 64 values (AVX512-VNNI's vpdpwssd: the madd and the add in one).
+static inline __m512i k_acc512(__m512i acc, __m512i u, const int8_t* a, __m512i sc) {
+    return _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(u, _mm512_loadu_si512(a)), sc);
 }
 
 static inline __m512i join256(__m256i lo, __m256i hi) {
@@ -938,7 +940,7 @@ static float kdot(const KRow& w, const QRow& a, int64_t nb) {
         const __m512i sc512 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)sc));
         __m512i z = _mm512_setzero_si512();
         for (int c = 0; c < 4; c++)
-            z = _mm512_add_epi32(z, k_madd512(_mm512_loadu_si512(u + 64 * c), q + 64 * c, lane_scales(IDX16, c, sc512)));
+            z = k_acc512(z, _mm512_loadu_si512(u + 64 * c), q + 64 * c, lane_scales(IDX16, c, sc512));
         const __m256i s = fold512(z);
 #else
         __m256i s = _mm256_setzero_si256();
@@ -948,7 +950,7 @@ static float kdot(const KRow& w, const QRow& a, int64_t nb) {
             s = _mm256_add_epi32(s, k_madd(_mm256_loadu_si256((const __m256i*)(u + 32 * i)), q + 32 * i,
                                            _mm256_shuffle_epi8(h[i / 4], pair_mask(2 * (i % 4)))));
 #endif
-        kacc_add(A, s, w.d[b], w.dm[b], a.kd[b], madd_sum16(_mm256_loadu_si256((const __m256i*)(w.mn + 16 * b)), a.kbs + 16 * b));
+        kacc_add(A, s, min_lanes(_mm256_loadu_si256((const __m256i*)(w.mn + 16 * b)), a.kbs + 16 * b), w.d[b], w.dm[b], a.kd[b]);
     }
     return kacc_sum(A);
 #else
@@ -963,7 +965,9 @@ static float kdot(const KRow& w, const QRow& a, int64_t nb) {
                 for (int t = 0; t < 4; t++) d += (int32_t)u[32 * i + 4 * L + t] * (int32_t)q[32 * i + 4 * L + t];
                 lanes[L] += w.sc[16 * b + 2 * i + (L >= 4)] * d;
             }
-        kacc_add(A, lanes, w.d[b], w.dm[b], a.kd[b], k_min(w.mn + 16 * b, a.kbs + 16 * b));
+        int32_t mins[8];
+        k_min_lanes(w.mn + 16 * b, a.kbs + 16 * b, mins);
+        kacc_add(A, lanes, mins, w.d[b], w.dm[b], a.kd[b]);
     }
     return kacc_sum(A);
 #endif
@@ -981,7 +985,7 @@ static void kdot4(const KRow& w, const QRow* a, int64_t nb, float* out) {
         for (int c = 0; c < 4; c++) {
             const __m512i u = _mm512_loadu_si512(w.u + 256 * b + 64 * c);
             const __m512i s4 = lane_scales(IDX16, c, sc512);
-            for (int r = 0; r < 4; r++) z[r] = _mm512_add_epi32(z[r], k_madd512(u, a[r].kq + 256 * b + 64 * c, s4));
+            for (int r = 0; r < 4; r++) z[r] = k_acc512(z[r], u, a[r].kq + 256 * b + 64 * c, s4);
         }
         const __m256i s[4] = {fold512(z[0]), fold512(z[1]), fold512(z[2]), fold512(z[3])};
 #else
@@ -995,7 +999,7 @@ static void kdot4(const KRow& w, const QRow* a, int64_t nb, float* out) {
         }
 #endif
         const __m256i mn = _mm256_loadu_si256((const __m256i*)(w.mn + 16 * b));
-        for (int r = 0; r < 4; r++) kacc_add(A[r], s[r], w.d[b], w.dm[b], a[r].kd[b], madd_sum16(mn, a[r].kbs + 16 * b));
+        for (int r = 0; r < 4; r++) kacc_add(A[r], s[r], min_lanes(mn, a[r].kbs + 16 * b), w.d[b], w.dm[b], a[r].kd[b]);
     }
     for (int r = 0; r < 4; r++) out[r] = kacc_sum(A[r]);
 }
@@ -1019,7 +1023,7 @@ static float fused_q4_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
         for (int j = 0; j < 4; j++) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(r + 16 + 32 * j));
             const __m512i u = join256(_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
-            z = _mm512_add_epi32(z, k_madd512(u, q + 64 * j, lane_scales(IDX32, j, sc512)));
+            z = k_acc512(z, u, q + 64 * j, lane_scales(IDX32, j, sc512));
         }
         const __m256i s = fold512(z);
         (void)sc;
@@ -1034,7 +1038,7 @@ static float fused_q4_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
         }
 #endif
         const __m256i mn16 = twice16(_mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));  // each sub-block's min twice
-        kacc_add(A, s, h2f(r), h2f(r + 2), a.kd[b], madd_sum16(mn16, a.kbs + 16 * b));
+        kacc_add(A, s, min_lanes(mn16, a.kbs + 16 * b), h2f(r), h2f(r + 2), a.kd[b]);
     }
     return kacc_sum(A);
 }
@@ -1050,8 +1054,8 @@ static float fused_q6_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
         for (int n = 0; n < 2; n++) {
             __m256i c[4];
             q6k_codes(r, n, c);
-            z = _mm512_add_epi32(z, k_madd512(join256(c[0], c[1]), q + 128 * n, lane_scales(IDX16, 2 * n, sc512)));
-            z = _mm512_add_epi32(z, k_madd512(join256(c[2], c[3]), q + 128 * n + 64, lane_scales(IDX16, 2 * n + 1, sc512)));
+            z = k_acc512(z, join256(c[0], c[1]), q + 128 * n, lane_scales(IDX16, 2 * n, sc512));
+            z = k_acc512(z, join256(c[2], c[3]), q + 128 * n + 64, lane_scales(IDX16, 2 * n + 1, sc512));
         }
         const __m256i s = fold512(z);
 #else
@@ -1069,7 +1073,7 @@ static float fused_q6_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
 #endif
         const __m256i mn16 = _mm256_slli_epi16(_mm256_cvtepi8_epi16(sc8), 5);  // 32 * scale (|.| <= 4096)
         const float d = h2f(r + 208);
-        kacc_add(A, s, d, d, a.kd[b], madd_sum16(mn16, a.kbs + 16 * b));
+        kacc_add(A, s, min_lanes(mn16, a.kbs + 16 * b), d, d, a.kd[b]);
     }
     return kacc_sum(A);
 }
