@@ -82,12 +82,14 @@ def test_qlinear_native_dtypes_threads_and_opcheck():
         torch.set_num_threads(before)
     assert torch.equal(one, two)  # every output is one task's: no thread-count dependence
     # Same accumulation order on every path: a row's result does not depend on the batch (decode == prefill).
-    # m < 4 runs the fused in-place kernels (Q8_0/Q5_0/Q4_K/Q6_K on AVX2), 6 rows the unpacked
-    # 4-row block (rows 0-3) and single-row (4-5) paths.
+    # m = 1 runs the fused in-place kernels (Q8_0/Q5_0/Q4_K/Q6_K on AVX2), m = 2-3 the fused multi-row
+    # ones (Q4_K/Q6_K) or the unpacked single-row path, 6 rows the unpacked 4-row block (rows 0-3) and
+    # single-row (4-5) paths.
     x6 = torch.randn(6, k)
     for q in (Q.Q4_K, Q.Q8_0, Q.Q5_0, Q.Q6_K):
         r = _raw(q, n, k)
         assert torch.equal(torch.ops.ferrum.qlinear(x[1:2], r, int(q), n, k), torch.ops.ferrum.qlinear(x, r, int(q), n, k)[1:2])
+        assert torch.equal(torch.ops.ferrum.qlinear(x[1:2], r, int(q), n, k), torch.ops.ferrum.qlinear(x[:2], r, int(q), n, k)[1:2])
         six = torch.ops.ferrum.qlinear(x6, r, int(q), n, k)
         assert torch.equal(torch.ops.ferrum.qlinear(x6[5:], r, int(q), n, k), six[5:])
         assert torch.equal(torch.ops.ferrum.qlinear(x6[2:3], r, int(q), n, k), six[2:3])

@@ -1009,73 +1009,113 @@ static void kdot4(const KRow& w, const QRow* a, int64_t nb, float* out) {
 // min term is one madd (as llama.cpp's kernels): building them per 32 values from scalars was ~60%
 // of the instructions (Q6_K lm_head of 151936 x 2048, 1 thread: 12.2 ms before).
 
-static float fused_q4_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
-    KAccV A;
+// R activation rows at once (R <= 3: an MoE expert's few pairs in prefill): the codes of each chunk
+// are built once from the raw block for all R rows (unpacking the row first cost more at R = 2).
+template <int R>
+static void fused_q4_k_r(const uint8_t* r, const QRow* a, int64_t k, float* out) {
+    KAccV A[R];
     const __m256i m4 = _mm256_set1_epi8(15);
     for (int64_t b = 0; b < k / 256; b++, r += 144) {
         const __m128i sm = q4k_scales_mins(r + 4);
-        // int16 scales of sub-block j in both 128-bit halves; a shuffle broadcasts one to 16 lanes.
-        const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
-        const int8_t* q = a.kq + 256 * b;
+        __m256i s[R];
 #if defined(__AVX512BW__)
         const __m512i sc512 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
-        __m512i z = _mm512_setzero_si512();
+        __m512i z[R];
+        for (int i = 0; i < R; i++) z[i] = _mm512_setzero_si512();
         for (int j = 0; j < 4; j++) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(r + 16 + 32 * j));
             const __m512i u = join256(_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
-            z = k_acc512(z, u, q + 64 * j, lane_scales(IDX32, j, sc512));
+            const __m512i sj = lane_scales(IDX32, j, sc512);
+            for (int i = 0; i < R; i++) z[i] = k_acc512(z[i], u, a[i].kq + 256 * b + 64 * j, sj);
         }
-        const __m256i s = fold512(z);
-        (void)sc;
+        for (int i = 0; i < R; i++) s[i] = fold512(z[i]);
 #else
-        __m256i s = _mm256_setzero_si256();
+        // int16 scales of sub-block j in both 128-bit halves; a shuffle broadcasts one to 16 lanes.
+        const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+        for (int i = 0; i < R; i++) s[i] = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(r + 16 + 32 * j));
             const __m256i s0 = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * j))));
             const __m256i s1 = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * j + 1))));
-            s = _mm256_add_epi32(s, k_madd(_mm256_and_si256(v, m4), q + 64 * j, s0));
-            s = _mm256_add_epi32(s, k_madd(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), q + 64 * j + 32, s1));
+            const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            for (int i = 0; i < R; i++) {
+                const int8_t* q = a[i].kq + 256 * b + 64 * j;
+                s[i] = _mm256_add_epi32(s[i], _mm256_add_epi32(k_madd(lo, q, s0), k_madd(hi, q + 32, s1)));
+            }
         }
 #endif
         const __m256i mn16 = twice16(_mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));  // each sub-block's min twice
-        kacc_add(A, s, min_lanes(mn16, a.kbs + 16 * b), h2f(r), h2f(r + 2), a.kd[b]);
+        const float d = h2f(r), dm = h2f(r + 2);
+        for (int i = 0; i < R; i++) kacc_add(A[i], s[i], min_lanes(mn16, a[i].kbs + 16 * b), d, dm, a[i].kd[b]);
     }
-    return kacc_sum(A);
+    for (int i = 0; i < R; i++) out[i] = kacc_sum(A[i]);
 }
 
-static float fused_q6_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
-    KAccV A;
+template <int R>
+static void fused_q6_k_r(const uint8_t* r, const QRow* a, int64_t k, float* out) {
+    KAccV A[R];
     for (int64_t b = 0; b < k / 256; b++, r += 210) {
         const __m128i sc8 = _mm_loadu_si128((const __m128i*)(r + 192));  // 16 int8 scales
-        const int8_t* q = a.kq + 256 * b;
+        __m256i s[R];
 #if defined(__AVX512BW__)
         const __m512i sc512 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc8));
-        __m512i z = _mm512_setzero_si512();
+        __m512i z[R];
+        for (int i = 0; i < R; i++) z[i] = _mm512_setzero_si512();
         for (int n = 0; n < 2; n++) {
             __m256i c[4];
             q6k_codes(r, n, c);
-            z = k_acc512(z, join256(c[0], c[1]), q + 128 * n, lane_scales(IDX16, 2 * n, sc512));
-            z = k_acc512(z, join256(c[2], c[3]), q + 128 * n + 64, lane_scales(IDX16, 2 * n + 1, sc512));
+            const __m512i u0 = join256(c[0], c[1]), u1 = join256(c[2], c[3]);
+            const __m512i s0 = lane_scales(IDX16, 2 * n, sc512), s1 = lane_scales(IDX16, 2 * n + 1, sc512);
+            for (int i = 0; i < R; i++) {
+                const int8_t* q = a[i].kq + 256 * b + 128 * n;
+                z[i] = k_acc512(k_acc512(z[i], u0, q, s0), u1, q + 64, s1);
+            }
         }
-        const __m256i s = fold512(z);
+        for (int i = 0; i < R; i++) s[i] = fold512(z[i]);
 #else
-        __m256i s = _mm256_setzero_si256();
+        for (int i = 0; i < R; i++) s[i] = _mm256_setzero_si256();
         for (int n = 0; n < 2; n++) {
             __m256i c[4];
             q6k_codes(r, n, c);
-            for (int i = 0; i < 4; i++) {
-                const int g = 8 * n + 2 * i;
+            for (int j = 0; j < 4; j++) {
+                const int g = 8 * n + 2 * j;
                 // bytes 0-7 scale g, 8-15 scale g + 1, widened: int16 lanes 0-7 and 8-15
                 const __m128i pick = _mm_set_epi64x(0x0101010101010101LL * (g + 1), 0x0101010101010101LL * g);
-                s = _mm256_add_epi32(s, k_madd(c[i], q + 128 * n + 32 * i, _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, pick))));
+                const __m256i sg = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, pick));
+                for (int i = 0; i < R; i++)
+                    s[i] = _mm256_add_epi32(s[i], k_madd(c[j], a[i].kq + 256 * b + 128 * n + 32 * j, sg));
             }
         }
 #endif
         const __m256i mn16 = _mm256_slli_epi16(_mm256_cvtepi8_epi16(sc8), 5);  // 32 * scale (|.| <= 4096)
         const float d = h2f(r + 208);
-        kacc_add(A, s, min_lanes(mn16, a.kbs + 16 * b), d, d, a.kd[b]);
+        for (int i = 0; i < R; i++) kacc_add(A[i], s[i], min_lanes(mn16, a[i].kbs + 16 * b), d, d, a[i].kd[b]);
     }
-    return kacc_sum(A);
+    for (int i = 0; i < R; i++) out[i] = kacc_sum(A[i]);
+}
+
+static float fused_q4_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
+    float y;
+    fused_q4_k_r<1>(r, &a, k, &y);
+    return y;
+}
+
+static float fused_q6_k(const uint8_t* r, const QRow& a, int64_t k, float*) {
+    float y;
+    fused_q6_k_r<1>(r, &a, k, &y);
+    return y;
+}
+
+// Up to 3 activation rows through the fused kernels (Q4_K, Q6_K); false for other types.
+static bool fused_k_rows(int qtype, const uint8_t* row, const QRow* a, int n, int64_t k, float* out) {
+    if (qtype != T_Q4_K && qtype != T_Q6_K) return false;
+    const bool q4 = qtype == T_Q4_K;
+    switch (n) {
+        case 1: q4 ? fused_q4_k_r<1>(row, a, k, out) : fused_q6_k_r<1>(row, a, k, out); return true;
+        case 2: q4 ? fused_q4_k_r<2>(row, a, k, out) : fused_q6_k_r<2>(row, a, k, out); return true;
+        case 3: q4 ? fused_q4_k_r<3>(row, a, k, out) : fused_q6_k_r<3>(row, a, k, out); return true;
+        default: return false;
+    }
 }
 #endif
 
@@ -1341,6 +1381,18 @@ static void job_task(void* ctx, int64_t t) {
         }
         return;
     }
+#if defined(__AVX2__)
+    if (pn <= 3 && (J->qtype == T_Q4_K || J->qtype == T_Q6_K)) {  // codes once from the raw block for all rows
+        QRow a[3];
+        float v[3];
+        for (int64_t i = 0; i < pn; i++) a[i] = acts_row(*J->acts, J->xrow[p0 + i]);
+        for (int64_t r = J->tr0[t]; r < J->tr1[t]; r++) {
+            fused_k_rows(J->qtype, w + r * J->row_bytes, a, (int)pn, k, v);
+            for (int64_t i = 0; i < pn; i++) J->out[J->pairs[p0 + i] * J->n + r] = v[i];
+        }
+        return;
+    }
+#endif
     // Two or more activation rows: unpacking the weight row once and reusing it measured faster than
     // in-place dots (the Q5_0 codes cost as much as the dot product).
     if (!scratch_reserve(k)) abort();
