@@ -34,6 +34,7 @@ def main() -> None:
     a = p.parse_args()
     from ferrum_mps import load_model, native
     from ferrum_mps.default_model import default_model_path
+    from ferrum_mps.models import native_plan
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -45,7 +46,7 @@ def main() -> None:
     with torch.inference_mode(), native.owning_threads():
         model(ids, past_key_values=cache)
         model(tok, past_key_values=cache)  # builds the plan
-        plan = model._native_plan
+        plan = native_plan.latest(model)
         if plan is None:
             raise SystemExit("no native plan for this model (native kernels off or unsupported layers)")
         slot = cache.seen

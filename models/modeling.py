@@ -69,7 +69,7 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
         # One-token CPU steps on a StaticCache run as one native plan (models/native_plan.py) while the
         # native kernels are enabled; False keeps them on the ops.
         self.native_decode = True
-        self._native_plan = None
+        self._native_plan = None  # a weak reference to the last plan built (its cache holds it)
         self.post_init()
 
     def init_weights(self):  # every weight comes from the file: transformers must not re-initialise them
@@ -264,8 +264,8 @@ class GGUFForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------ CPU decode as one native plan
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: the plan's pointers would go stale
-        self._native_plan = None
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: the plans' pointers would go stale
+        native_plan.invalidate()
         return super()._apply(fn, *args, **kwargs)
 
     def _use_native_plan(self, cache, input_ids, inputs_embeds, logits_to_keep) -> bool:

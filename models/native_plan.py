@@ -20,6 +20,9 @@ unbiased float32 router, float32 weights and caches. Anything else keeps the op 
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 from torch import nn
 from torch.nn.modules import module as _mod
@@ -86,6 +89,7 @@ class DecodePlan:
         c = model.config
         H = c.hidden_size
         a0 = model.layers[0].self_attn
+        self.model, self.lock = weakref.ref(model), threading.Lock()
         self.cache_ptrs = _cache_ptrs(cache)
         f = lambda n: torch.zeros(n, dtype=torch.float32)  # noqa: E731
         self.x, self.n, self.h, self.out = f(H), f(H), f(H), f(H)
@@ -141,7 +145,7 @@ class DecodePlan:
         self.plan.add("matvec", x=x, k=lin.in_features, nmat=1, qtype0=lin.qtype, w0=lin.raw, n0=lin.out_features,
                       out0=out)
 
-    def current(self, model, cache) -> bool:
+    def current(self, cache) -> bool:
         """True while the model and cache hold what the plan was built from (~20 us a token for Gemma-3-270M's
         289 modules; comparing every parameter's identity instead took 90 us, walking `parameters()` 560 us)."""
         return (_assignments[0] == self.assignments and _cache_ptrs(cache) == self.cache_ptrs
@@ -149,9 +153,10 @@ class DecodePlan:
 
     def run(self, h: torch.Tensor, position: int, slot: int) -> torch.Tensor:
         """h: the embedded token [1, 1, H]; returns the final-normed hidden state [1, 1, H] (a new tensor)."""
-        self.x.copy_(h.reshape(-1))
-        self.plan.run(position, slot)
-        return self.out.clone().view(1, 1, -1)
+        with self.lock:  # one token at a time through the plan's buffers (two threads, one model)
+            self.x.copy_(h.reshape(-1))
+            self.plan.run(position, slot)
+            return self.out.clone().view(1, 1, -1)
 
 
 def _cache_ptrs(cache) -> tuple:
@@ -181,10 +186,10 @@ def _hooked(hook_dicts: list) -> bool:
 
 def plan_for(model, cache: StaticCache) -> DecodePlan | None:
     """The model's plan for this cache (built on first use), or None when the op path must run."""
-    plan = model._native_plan
-    if plan is not None and plan.current(model, cache):
+    plan = getattr(cache, "_native_plan", None)
+    if plan is not None and plan.model() is model and plan.current(cache):
         return plan
-    model._native_plan = None
+    cache._native_plan = None
     if not native.available() or supported(model) is not None:
         return None
     c = model.config
@@ -194,5 +199,17 @@ def plan_for(model, cache: StaticCache) -> DecodePlan | None:
     plan = DecodePlan(model, cache)
     if _hooked(plan.hook_dicts):  # the op path calls the hooked modules
         return None
-    model._native_plan = plan
+    # The cache holds its plan (which holds the cache's tensors): both go when generate() drops the cache.
+    cache._native_plan = plan
+    model._native_plan = weakref.ref(plan)
     return plan
+
+
+def latest(model) -> DecodePlan | None:
+    """The plan the model built last, if its cache still exists (introspection, benchmarks, tests)."""
+    return None if model._native_plan is None else model._native_plan()
+
+
+def invalidate() -> None:
+    """Every plan is rebuilt before its next token (the model's `_apply` calls this)."""
+    _assignments[0] += 1

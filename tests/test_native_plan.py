@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import ferrum_mps.ops  # noqa: F401
 from ferrum_mps import load_model, native
+from ferrum_mps.models import native_plan
 from ferrum_mps.testing.synthetic import synthetic_gguf
 
 pytestmark = pytest.mark.native
@@ -93,21 +94,40 @@ def test_plan_steps_aside_for_hooks_padding_and_new_weights(gemma, plan_runs):
     assert not plan_runs
     b, _ = _generate(gemma, padded, 3, plan=False, attention_mask=mask)
     assert torch.equal(a, b)
-    # New weights (a reloaded projection): the next token rebuilds the plan from them.
-    _generate(gemma, ids, 2, plan=True)
-    first = gemma._native_plan
+    # New weights under a live plan (a reassigned projection: zeros, so a stale plan would show): the
+    # next token rebuilds the plan from them.
     lin = gemma.layers[0].self_attn.o_proj
     old = lin.raw
-    lin.raw = old.clone()
-    try:
-        want = _generate(gemma, ids, 3, plan=False)
-        got = _generate(gemma, ids, 3, plan=True)
-        assert gemma._native_plan is not first
-    finally:
-        lin.raw = old
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    gemma.to(torch.float32)  # any _apply (.to, .float) may move or recast what the plan points to
-    assert gemma._native_plan is None
+    with torch.inference_mode():
+        cache = gemma.static_cache(1, 16)
+        gemma(ids, past_key_values=cache)
+        gemma(ids[:, :1], past_key_values=cache)  # slot 5: builds the plan
+        first = native_plan.latest(gemma)
+        lin.raw = torch.zeros_like(old)
+        try:
+            at6 = dict(past_key_values=cache, cache_position=torch.tensor([6]))
+            got = gemma(ids[:, 1:2], **at6).logits
+            rebuilt = native_plan.latest(gemma)
+            gemma.native_decode = False
+            want = gemma(ids[:, 1:2], **at6).logits
+        finally:
+            lin.raw, gemma.native_decode = old, True
+    assert first is not None and rebuilt not in (None, first)
+    assert torch.equal(got, want)
+    # any _apply (.to, .float) may move or recast what a plan points to: the next token builds a new one
+    cache = gemma.static_cache(1, 16)
+    with torch.inference_mode():
+        gemma(ids, past_key_values=cache)
+        gemma(ids[:, :1], past_key_values=cache)
+        before = native_plan.latest(gemma)
+        gemma.to(torch.float32)
+        gemma(ids[:, :1], past_key_values=cache)
+    assert before is not None and native_plan.latest(gemma) is not before
+    del cache
+    import gc
+
+    gc.collect()
+    assert native_plan.latest(gemma) is None  # the plan went with its cache (and stopped holding its tensors)
 
 
 # ---------------------------------------------------------------------------- the shared float helpers vs torch
