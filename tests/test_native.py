@@ -93,6 +93,7 @@ def test_qlinear_native_dtypes_threads_and_opcheck():
         six = torch.ops.ferrum.qlinear(x6, r, int(q), n, k)
         assert torch.equal(torch.ops.ferrum.qlinear(x6[5:], r, int(q), n, k), six[5:])
         assert torch.equal(torch.ops.ferrum.qlinear(x6[2:3], r, int(q), n, k), six[2:3])
+        assert torch.equal(torch.ops.ferrum.qlinear(x6[:4], r, int(q), n, k)[2:3], six[2:3])  # Q4_K: fused 4 rows
     for dt in (torch.float16, torch.bfloat16):
         y = torch.ops.ferrum.qlinear(x.to(dt), raw, int(qt), n, k)
         assert y.dtype == dt and _rel(y.float(), one) < 1e-2
