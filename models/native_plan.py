@@ -8,10 +8,10 @@ cache write, attention over the cache, MoE routing and experts) and a token is o
 native pool's threads stay hot from step to step instead of handing the cores to torch's OpenMP team
 between ops.
 
-Same kernels and the same activation quantization as the native ops, so mat-vec results are
-bit-identical to the op path; attention, the activations and MoE routing are float32 code of their
-own (~1e-6 relative from torch's). The embedding before the plan and the lm_head after it stay
-module calls.
+The steps are the very C++ functions the ops' native paths call (mat-vecs, norms, rope, attention,
+activations, MoE routing and combine), so a token's logits equal the op path's bit for bit (tested);
+the float32 helpers are within ~1e-6 relative of torch's. The embedding before the plan and the
+lm_head after it stay module calls.
 
 A plan applies only where it computes exactly what `Block.forward` would: plain Blocks whose
 projections are QuantLinears of native types without hooks, MLP or FusedMoE feed-forwards with an
