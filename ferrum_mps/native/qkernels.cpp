@@ -593,12 +593,6 @@ static inline __m256i dot32_reg(__m256i vw, const int8_t* a) {
     return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
 }
 
-// Unsigned codes (0..63): maddubs takes them as they are; same lane sums as dot32_reg.
-static inline __m256i dot32_u(__m256i vw, const int8_t* a) {
-    const __m256i va = _mm256_loadu_si256((const __m256i*)a);
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(vw, va), _mm256_set1_epi16(1));
-}
-
 // dot_unpacked's per-block float step (same operations, same order).
 static inline __m256 fma_block(__m256i p, float dlo, float dhi, float d32, __m256 acc) {
     const __m256 sw = _mm256_set_m128(_mm_set1_ps(dhi), _mm_set1_ps(dlo));
@@ -680,13 +674,6 @@ static inline void k_min_lanes(const int16_t* mn, const int16_t* bs, int32_t* ou
 }
 
 #if defined(__AVX2__)
-static inline int32_t hsum_i32(__m256i v) {
-    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-    return _mm_cvtsi128_si32(t);
-}
-
 // sum sc * (u . a) over 32 values: |u . a| per pair <= 2 * 63 * 127 fits maddubs' int16.
 static inline __m256i k_madd(__m256i u, const int8_t* a, __m256i sc2) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i*)a)), sc2);
