@@ -144,6 +144,20 @@ def test_rms_norm_and_activations_vs_torch():
     torch.testing.assert_close(native.act_mul("gelu_pytorch_tanh", a, b), F.gelu(a, approximate="tanh") * b,
                                rtol=1e-5, atol=1e-6)
     assert native.act_mul("relu", a, b) is None  # not a native activation: the caller's torch code runs
+    # Prefill-sized calls split rows (chunks of elements) over the pool: the split changes no bit.
+    big, gb, ub = torch.randn(96, 2048, generator=g), torch.randn(300_001, generator=g), torch.randn(300_001, generator=g)
+    wb = torch.randn(2048, generator=g)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append((native.rms_norm(big, wb, 1e-6), native.act_mul("gelu_pytorch_tanh", gb, ub),
+                         native.add_rms_norm(big, big.flip(0), wb, 1e-6, wb)))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert all(torch.equal(p, q) for p, q in zip(outs[0][2], outs[1][2]))
 
 
 @pytest.mark.parametrize("lo,hi", [(0, 1), (0, 37), (29, 37)])

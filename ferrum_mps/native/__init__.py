@@ -241,19 +241,19 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fm_get_rows.argtypes = [i32, p, i64, p, i64, p, i32]
     f32 = ctypes.c_float
     lib.fm_qk_norm_rope_cache.argtypes = [p, p, p, i64, i64, i64, p, p, f32, p, i64, i32, p, p, i64, i64, p]
-    lib.fm_add_rms_norm.argtypes = [p, p, p, p, f32, i64, i64, p, p]
-    lib.fm_rms_norm.argtypes = [p, p, f32, i64, i64, p]
-    lib.fm_act_mul.argtypes = [i32, p, p, i64, p]
+    lib.fm_add_rms_norm.argtypes = [p, p, p, p, f32, i64, i64, p, p, i32]
+    lib.fm_rms_norm.argtypes = [p, p, f32, i64, i64, p, i32]
+    lib.fm_act_mul.argtypes = [i32, p, p, i64, p, i32]
     lib.fm_decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, p, i32]
     lib.fm_moe_route.argtypes = [p, p, i64, i64, i64, i64, i32, p, p, i32]
-    lib.fm_moe_combine.argtypes = [p, p, i64, i64, i64, p]
+    lib.fm_moe_combine.argtypes = [p, p, i64, i64, i64, p, i32]
     lib.fm_plan_run.argtypes = [p, i64, i64, i64, i32]
     lib.fm_plan_layout.restype = ctypes.c_char_p
     for f in (lib.fm_qmatmul, lib.fm_moe_matmul, lib.fm_get_rows, lib.fm_qk_norm_rope_cache, lib.fm_add_rms_norm,
               lib.fm_rms_norm, lib.fm_act_mul, lib.fm_decode_attention, lib.fm_moe_route, lib.fm_moe_combine,
               lib.fm_plan_run):
         f.restype = ctypes.c_int
-    if lib.fm_abi_version() != 4:
+    if lib.fm_abi_version() != 5:
         raise OSError("stale native library (ABI version mismatch)")
 
 
@@ -378,7 +378,8 @@ def add_rms_norm(x, residual, weight, eps, pre_weight) -> tuple[torch.Tensor, to
     pre = pre_weight.contiguous() if pre_weight is not None else None
     normed, s = torch.empty_like(x), torch.empty_like(x)
     _check(lib.fm_add_rms_norm(x.data_ptr(), residual.data_ptr(), pre.data_ptr() if pre is not None else None,
-                               weight.data_ptr(), eps, x.numel() // H if H else 0, H, normed.data_ptr(), s.data_ptr()),
+                               weight.data_ptr(), eps, x.numel() // H if H else 0, H, normed.data_ptr(), s.data_ptr(),
+                               threads()),
            "add_rms_norm")
     return normed, s
 
@@ -398,8 +399,8 @@ def rms_norm(x, weight, eps) -> torch.Tensor | None:
     H = x.shape[-1]
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)
-    _check(lib.fm_rms_norm(x.data_ptr(), weight.data_ptr(), eps, x.numel() // H if H else 0, H, out.data_ptr()),
-           "rms_norm")
+    _check(lib.fm_rms_norm(x.data_ptr(), weight.data_ptr(), eps, x.numel() // H if H else 0, H, out.data_ptr(),
+                           threads()), "rms_norm")
     return out
 
 
@@ -410,7 +411,8 @@ def act_mul(act: str, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
         return None
     g, u = g.contiguous(), u.contiguous()
     out = torch.empty_like(g)
-    _check(lib.fm_act_mul(plan_layout()[1].index(act), g.data_ptr(), u.data_ptr(), g.numel(), out.data_ptr()), "act_mul")
+    _check(lib.fm_act_mul(plan_layout()[1].index(act), g.data_ptr(), u.data_ptr(), g.numel(), out.data_ptr(), threads()),
+           "act_mul")
     return out
 
 
@@ -451,7 +453,7 @@ def moe_combine(weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
     T, k, H = y.shape
     weights, y = weights.contiguous(), y.contiguous()
     out = torch.empty((T, H), dtype=torch.float32)
-    _check(lib.fm_moe_combine(weights.data_ptr(), y.data_ptr(), T, k, H, out.data_ptr()), "moe_combine")
+    _check(lib.fm_moe_combine(weights.data_ptr(), y.data_ptr(), T, k, H, out.data_ptr(), threads()), "moe_combine")
     return out
 
 
