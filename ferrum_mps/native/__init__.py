@@ -337,18 +337,21 @@ def get_rows(raw: torch.Tensor, qt, dim: int, ids64: torch.Tensor) -> torch.Tens
     return out
 
 
+def _float32_lib(*ts) -> ctypes.CDLL | None:
+    """The library when enabled and every tensor is a float32 CPU tensor, else None."""
+    if not enabled() or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in ts):
+        return None
+    return _load()
+
+
 def qk_norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, position, interleaved, k_cache, v_cache,
                        slot) -> torch.Tensor | None:
     """ferrum::qk_norm_rope_cache for one float32 token (B = T = 1), arguments already checked by the op;
     position and slot are ints. Returns q rotated [1, Hq, 1, D], or None when the native path does not apply
     (disabled, unavailable, not all float32, caches not contiguous)."""
-    if not enabled():
-        return None
     ts = (q, k, v, inv_freq, k_cache, v_cache) + tuple(w for w in (q_norm_weight, k_norm_weight) if w is not None)
-    if any(t.dtype != torch.float32 for t in ts) or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        return None
-    lib = _load()
-    if lib is None:
+    lib = _float32_lib(*ts)
+    if lib is None or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         return None
     _, _, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
@@ -365,13 +368,8 @@ def qk_norm_rope_cache(q, k, v, q_norm_weight, k_norm_weight, eps, inv_freq, pos
 
 def add_rms_norm(x, residual, weight, eps, pre_weight) -> tuple[torch.Tensor, torch.Tensor] | None:
     """ferrum::add_rms_norm when everything is float32 (arguments already checked by the op), else None."""
-    if not enabled():
-        return None
-    ts = (x, residual, weight) + ((pre_weight,) if pre_weight is not None else ())
-    if any(t.dtype != torch.float32 for t in ts) or x.shape != residual.shape:
-        return None
-    lib = _load()
-    if lib is None:
+    lib = _float32_lib(x, residual, weight, *(() if pre_weight is None else (pre_weight,)))
+    if lib is None or x.shape != residual.shape:
         return None
     H = x.shape[-1]
     x, residual, weight = x.contiguous(), residual.contiguous(), weight.contiguous()
@@ -382,13 +380,6 @@ def add_rms_norm(x, residual, weight, eps, pre_weight) -> tuple[torch.Tensor, to
                                threads()),
            "add_rms_norm")
     return normed, s
-
-
-def _float32_lib(*ts) -> ctypes.CDLL | None:
-    """The library when enabled and every tensor is a float32 CPU tensor, else None."""
-    if not enabled() or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in ts):
-        return None
-    return _load()
 
 
 def rms_norm(x, weight, eps) -> torch.Tensor | None:
@@ -407,12 +398,14 @@ def rms_norm(x, weight, eps) -> torch.Tensor | None:
 def act_mul(act: str, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
     """act(g) * u for float32 g, u of one shape (act: a name in plan_layout()'s activations), else None."""
     lib = _float32_lib(g, u)
-    if lib is None or g.shape != u.shape or act not in plan_layout()[1]:
+    if lib is None or g.shape != u.shape:
+        return None
+    acts = plan_layout()[1]
+    if act not in acts:
         return None
     g, u = g.contiguous(), u.contiguous()
     out = torch.empty_like(g)
-    _check(lib.fm_act_mul(plan_layout()[1].index(act), g.data_ptr(), u.data_ptr(), g.numel(), out.data_ptr(), threads()),
-           "act_mul")
+    _check(lib.fm_act_mul(acts.index(act), g.data_ptr(), u.data_ptr(), g.numel(), out.data_ptr(), threads()), "act_mul")
     return out
 
 
@@ -488,7 +481,8 @@ class Plan:
     """
 
     def __init__(self):
-        self._rows: list[list] = []
+        self._ints: list[list[int]] = []  # per step: the op code, then its int fields
+        self._floats: list[list[float]] = []
         self._keep: list[torch.Tensor] = []
         self._table: torch.Tensor | None = None
 
@@ -507,19 +501,15 @@ class Plan:
             elif name == "act" and isinstance(v, str):
                 v = acts.index(v)
             ints[i] = int(v or 0)
-        floats = [float(fields.get(name, 0.0)) for name in float_names] + [0.0] * (n_floats - len(float_names))
-        self._rows.append([code, *ints, *floats])
+        self._ints.append([code, *ints])
+        self._floats.append([float(fields.get(name, 0.0)) for name in float_names] + [0.0] * (n_floats - len(float_names)))
         self._table = None
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._ints)
 
     def run(self, position: int, slot: int) -> None:
-        if self._table is None:
-            _, _, n_ints, _ = plan_layout()
-            t = torch.tensor([r[: 1 + n_ints] + [0] * (len(r) - 1 - n_ints) for r in self._rows], dtype=torch.int64)
-            fl = torch.tensor([r[1 + n_ints :] for r in self._rows], dtype=torch.float64)
-            t[:, 1 + n_ints :] = fl.view(torch.int64)
-            self._table = t
-        _check(_load().fm_plan_run(self._table.data_ptr(), len(self._rows), position, slot, threads()),
-               "plan")
+        if self._table is None:  # PlanStep rows: int64 code and ints, then the float64 fields' bits
+            floats = torch.tensor(self._floats, dtype=torch.float64).view(torch.int64)
+            self._table = torch.cat([torch.tensor(self._ints, dtype=torch.int64), floats], 1).contiguous()
+        _check(_load().fm_plan_run(self._table.data_ptr(), len(self._ints), position, slot, threads()), "plan")

@@ -289,8 +289,10 @@ def _moe_ffn_native(xf, weights, ids, gate_raw, up_raw, down_raw, gate_qtype, up
     if g is None or u is None:
         return None
     h = native.act_mul("silu", g, u)  # the decode plans' code, so both give the same bits
+    if h is None:
+        return None
     y = native.moe_matmul(h, ids32, down_raw, qts[2], H, inter, per_slot=True)
-    if h is None or y is None:
+    if y is None:
         return None
     return native.moe_combine(weights.float(), y.view(T, -1, H))
 
